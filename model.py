@@ -1,0 +1,738 @@
+"""The DeepSeek-V3 transformer (the architecture of DeepSeek-V3 and DeepSeek-R1), for training and sampling.
+
+Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 2412.19437):
+- Multi-head Latent Attention, eqs. 1-11: low-rank query (wq_a, q_norm, wq_b) and key-value latent
+  (wkv_a, kv_norm, wkv_b), decoupled RoPE with one k_pe shared by all heads, YaRN frequencies and
+  the mscale^2 softmax temperature. Two paths that compute the same function: "naive" materialises
+  K and V (training), "absorbed" folds wkv_b into the query and the output so that the cache holds
+  only the normalised latent and the rotated k_pe (kv_lora_rank + qk_rope_head_dim per token).
+- DeepSeekMoE, eqs. 12-16: shared + routed SwiGLU experts, sigmoid (V3) or softmax (V2) affinities,
+  group-limited top-k, auxiliary-loss-free balancing by a per-expert bias that changes the choice of
+  experts but not their weights (eqs. 16, 17 and the bias update rule), the complementary
+  sequence-wise balance loss (eqs. 17-20).
+- Multi-Token Prediction, eqs. 21-25: D sequential modules sharing the embedding and the head.
+Deliberate choices: the router bias is a config switch rather than keyed on `dim`; YaRN is applied
+whenever rope_factor > 1 (the official code silently skips it for max_seq_len <= 4096); the sampler
+returns log-probs of the temperature-scaled policy before top-k/top-p truncation, which is the
+distribution GRPO's importance ratio refers to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class ModelConfig:
+    """Every hyperparameter of the architecture. Names follow the official `ModelArgs`."""
+
+    vocab_size: int = 129280           # tokens in the vocabulary
+    dim: int = 7168                    # model width D
+    inter_dim: int = 18432             # hidden width of the dense SwiGLU FFN of the leading layers
+    moe_inter_dim: int = 2048          # hidden width of one routed or shared expert
+    n_layers: int = 61                 # transformer blocks (without MTP)
+    n_dense_layers: int = 3            # leading blocks with a dense FFN instead of MoE
+    n_heads: int = 128                 # attention heads n_h
+    # DeepSeekMoE
+    n_routed_experts: int = 256        # N_r
+    n_shared_experts: int = 1          # N_s, fused into one SwiGLU of width N_s * moe_inter_dim
+    n_activated_experts: int = 8       # K_r, routed experts per token
+    n_expert_groups: int = 8           # groups for group-limited routing (1 = no limit)
+    n_limited_groups: int = 4          # groups a token may route to (topk_group)
+    score_func: str = "sigmoid"        # "sigmoid" (V3) or "softmax" (V2)
+    route_scale: float = 2.5           # routed_scaling_factor applied to routed expert weights
+    use_router_bias: bool = True       # aux-loss-free balancing bias b_i (V3); V2 has none
+    bias_update_speed: float = 0.001   # gamma of the bias update
+    balance_loss_alpha: float = 0.0001  # alpha of the sequence-wise balance loss (0 disables)
+    # Multi-head Latent Attention
+    q_lora_rank: int = 1536            # d_c' of the query latent; 0 = one direct wq (V2-Lite)
+    kv_lora_rank: int = 512            # d_c of the key-value latent
+    qk_nope_head_dim: int = 128        # d_h, per-head query/key part without position
+    qk_rope_head_dim: int = 64         # d_h^R, decoupled RoPE part (one k_pe shared by all heads)
+    v_head_dim: int = 128              # per-head value width
+    # RoPE and YaRN
+    max_seq_len: int = 163840          # longest sequence the rope tables cover
+    original_seq_len: int = 4096       # pretraining context that YaRN extends
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0          # YaRN scale s; 1 = plain RoPE
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0                # YaRN attention temperature coefficient
+    # Multi-Token Prediction
+    mtp_depth: int = 1                 # D, number of MTP modules (0 = none)
+    mtp_lambda: float = 0.3            # lambda, weight of the MTP loss
+    # misc
+    norm_eps: float = 1e-6
+    init_std: float = 0.006            # std of the normal initialisation (V3 paper)
+
+    def __post_init__(self):
+        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "max_seq_len", "original_seq_len", "n_expert_groups", "n_limited_groups"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        non_negative = ["n_dense_layers", "n_routed_experts", "n_shared_experts",
+                        "n_activated_experts", "q_lora_rank", "mtp_depth"]
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative int, got {value!r}")
+        for name in ["rope_theta", "rope_factor", "route_scale", "norm_eps", "init_std", "mscale"]:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        for name in ["bias_update_speed", "balance_loss_alpha", "mtp_lambda"]:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative number, got {value!r}")
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(f"ModelConfig.n_dense_layers ({self.n_dense_layers}) exceeds "
+                             f"n_layers ({self.n_layers})")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"ModelConfig.score_func must be 'sigmoid' or 'softmax', "
+                             f"got {self.score_func!r}")
+        if self.beta_fast <= self.beta_slow or self.beta_slow <= 0:
+            raise ValueError(f"ModelConfig.beta_fast must exceed beta_slow > 0, "
+                             f"got {self.beta_fast} and {self.beta_slow}")
+        if self.has_moe:
+            if self.n_routed_experts == 0:
+                raise ValueError("ModelConfig.n_routed_experts must be positive when there are "
+                                 "MoE layers (n_dense_layers < n_layers or mtp_depth > 0)")
+            if not 0 < self.n_activated_experts <= self.n_routed_experts:
+                raise ValueError(f"ModelConfig.n_activated_experts must be in [1, n_routed_experts="
+                                 f"{self.n_routed_experts}], got {self.n_activated_experts}")
+            if self.n_routed_experts % self.n_expert_groups:
+                raise ValueError(f"ModelConfig.n_expert_groups ({self.n_expert_groups}) must divide "
+                                 f"n_routed_experts ({self.n_routed_experts})")
+            if self.n_limited_groups > self.n_expert_groups:
+                raise ValueError(f"ModelConfig.n_limited_groups ({self.n_limited_groups}) exceeds "
+                                 f"n_expert_groups ({self.n_expert_groups})")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if self.n_activated_experts > self.n_limited_groups * per_group:
+                raise ValueError(f"ModelConfig.n_activated_experts ({self.n_activated_experts}) exceeds "
+                                 f"the {self.n_limited_groups * per_group} experts of the kept groups")
+            if self.score_func == "sigmoid" and self.n_expert_groups > 1 and per_group < 2:
+                raise ValueError("ModelConfig.n_expert_groups: sigmoid routing scores a group by its "
+                                 "top-2 experts, so each group needs at least 2 experts")
+
+    @property
+    def has_moe(self) -> bool:
+        return self.n_dense_layers < self.n_layers or self.mtp_depth > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (the whole YaRN temperature lives here)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_factor > 1:
+            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            scale = scale * m * m
+        return scale
+
+
+PRESETS: dict[str, dict] = {
+    # DeepSeek-V3 / R1, 671B total, 37B active.
+    "full": dict(),
+    # DeepSeek-V2, 236B: softmax routing, no router bias, 2 shared experts.
+    "236B": dict(vocab_size=102400, dim=5120, inter_dim=12288, moe_inter_dim=1536, n_layers=60,
+                 n_dense_layers=1, n_routed_experts=160, n_shared_experts=2, n_activated_experts=6,
+                 n_expert_groups=8, n_limited_groups=3, score_func="softmax", route_scale=16.0,
+                 use_router_bias=False, balance_loss_alpha=0.0, mtp_depth=0),
+    # DeepSeek-V2-Lite, 16B: as V2 with a direct wq (no q_lora) and no expert groups.
+    "16B": dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27,
+                n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,
+                n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
+                route_scale=1.0, use_router_bias=False, balance_loss_alpha=0.0, q_lora_rank=0,
+                mscale=0.707, mtp_depth=0),
+    # About 3M parameters: trains on a 2-core CPU in minutes and keeps every V3 feature
+    # (MLA with q_lora, sigmoid group-limited routing with bias, shared expert, MTP, YaRN).
+    "tiny": dict(vocab_size=1024, dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4,
+                 n_dense_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
+                 n_activated_experts=2, n_expert_groups=2, n_limited_groups=1, route_scale=1.0,
+                 balance_loss_alpha=0.0001, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+                 qk_rope_head_dim=16, v_head_dim=32, max_seq_len=1024, original_seq_len=256,
+                 rope_factor=4.0, mtp_depth=1, init_std=0.02),
+    # For unit tests: every feature, a few thousand parameters.
+    "micro": dict(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2,
+                  n_dense_layers=1, n_heads=2, n_routed_experts=8, n_shared_experts=1,
+                  n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, route_scale=2.5,
+                  balance_loss_alpha=0.001, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                  qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128, original_seq_len=32,
+                  rope_factor=4.0, mtp_depth=1, init_std=0.02),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A named preset with optional field overrides; unknown names or fields raise ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s): {unknown}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def dense_config(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """The same architecture with every FFN dense and no MTP: a distillation student."""
+    return replace(cfg, **{"n_dense_layers": cfg.n_layers, "mtp_depth": 0, **overrides})
+
+
+# -------------------------------------------------------------------------------------------------
+# Small pieces: norm, rotary embedding with YaRN, SwiGLU
+
+class Linear(nn.Linear):
+    """nn.Linear without bias by default and without its own init: `Transformer.init_weights` owns
+    initialisation, which also keeps meta-device construction of the 671B model fast."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self):
+        pass
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def yarn_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE frequencies f_i = theta^(-2i/d), with YaRN's ramp between interpolation and extrapolation.
+
+    Dimensions that rotate fewer than beta_slow times over original_seq_len are interpolated (f/s),
+    those rotating more than beta_fast times keep f, and a linear ramp joins the two.
+    """
+    d = cfg.qk_rope_head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if cfg.rope_factor > 1:
+        def correction_dim(rotations):
+            return d * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.beta_slow)), d - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
+    return freqs
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pos * f_i for every position: two (max_seq_len, d/2) float32 tensors."""
+    freqs = yarn_frequencies(cfg)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by pos * f_i, the official convention.
+
+    x: (B, T, H, d); cos, sin: (B, T, d/2).
+    """
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, d/2) each
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, H, d/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense FFN, a routed expert, or the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+Expert = MLP  # a routed expert is a narrow SwiGLU (official name)
+
+
+# -------------------------------------------------------------------------------------------------
+# Multi-head Latent Attention
+
+@dataclass
+class KVCache:
+    """The MLA cache of one layer: normalised latent c^KV and rotated shared key k^R per token."""
+    kv: torch.Tensor   # (B, S_max, kv_lora_rank)
+    pe: torch.Tensor   # (B, S_max, qk_rope_head_dim)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        H = cfg.n_heads
+        if cfg.q_lora_rank == 0:
+            self.wq = Linear(cfg.dim, H * cfg.qk_head_dim)
+        else:
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank)       # W^DQ, eq. 6
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim)  # W^UQ and W^QR
+        self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # W^DKV, W^KR
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # W^UK, W^UV
+        self.wo = Linear(H * cfg.v_head_dim, cfg.dim)  # W^O, eq. 11
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0,
+                attn_impl: str = "naive"):
+        """x: (B, T, D); cos/sin: (B, T, d_R/2); mask: (B, 1, T, S) bool or None for plain causal."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, H, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)                                   # q^R, eq. 8
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)                                               # c^KV, eq. 1
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)           # k^R, eq. 3: (B, T, d_R)
+        if cache is not None:
+            end = start_pos + T
+            cache.kv[:B, start_pos:end] = kv
+            cache.pe[:B, start_pos:end] = k_pe
+            kv, k_pe = cache.kv[:B, :end], cache.pe[:B, :end]               # (B, S, d_c), (B, S, d_R)
+        S = kv.shape[1]
+        is_causal = mask is None and S == T
+        if attn_impl == "naive":
+            kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, 192)
+            q = torch.cat([q_nope, q_pe], dim=-1)                                       # (B, T, H, 192)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=is_causal, scale=self.softmax_scale)                          # (B, H, T, d_v)
+        elif attn_impl == "absorbed":
+            wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)                   # (H, d_h + d_v, d_c)
+            # q_nope^T W^UK c = (W^UK^T q_nope)^T c: attend in the latent space with one shared key.
+            q_nope = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
+            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                      # (B, H, T, d_c + d_R)
+            k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)                              # (B, 1, S, d_c + d_R)
+            o = F.scaled_dot_product_attention(
+                q, k.expand(-1, H, -1, -1), kv.unsqueeze(1).expand(-1, H, -1, -1), attn_mask=mask,
+                is_causal=is_causal, scale=self.softmax_scale)                          # (B, H, T, d_c)
+            o = torch.einsum("bhtc,hdc->bhtd", o, wkv_b[:, self.qk_nope_head_dim:])    # W^UV: (B, H, T, d_v)
+        else:
+            raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
+        return self.wo(o.transpose(1, 2).flatten(2))                                    # (B, T, D)
+
+
+# -------------------------------------------------------------------------------------------------
+# DeepSeekMoE
+
+class Gate(nn.Module):
+    """Router: affinities s_i, group-limited top-k chosen on s_i + b_i, gate weights from s_i alone."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))  # centroids e_i
+        # b_i: not trained by gradients, moved by the balancing rule; kept in fp32.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+                             if cfg.use_router_bias else None)
+
+    def forward(self, x: torch.Tensor):
+        """x: (N, D) -> weights (N, K), indices (N, K) and affinities s (N, E), all fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # s_i, eq. 15
+        choice = scores if self.bias is None else scores + self.bias
+        if self.n_groups > 1:
+            grouped = choice.view(x.shape[0], self.n_groups, -1)                 # (N, G, E/G)
+            if self.score_func == "sigmoid":  # V3: a group is worth its two best experts
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:                             # V2: a group is worth its best expert
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices           # (N, topk_groups)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)                                      # g'_i from s_i, not s_i + b_i
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)                # eq. 13
+        return weights * self.route_scale, indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_routed_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.alpha = cfg.balance_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        # Tokens routed to each expert since the last bias update (the "load" of the balancing rule).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """x: (B, T, D); token_mask: (B, T) bool of real tokens. Returns y (B, T, D) and the balance loss."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        seq_id = torch.arange(B, device=x.device).repeat_interleave(T)
+        if token_mask is not None:  # route only real tokens: padding neither costs compute nor counts as load
+            keep = token_mask.reshape(-1).nonzero().squeeze(1)
+            flat, seq_id = flat[keep], seq_id[keep]
+        weights, indices, scores = self.gate(flat)
+        # Dispatch grouped by expert: sort the (token, slot) pairs by expert id, one matmul per expert.
+        expert_ids = indices.flatten()                                           # (N*K,)
+        order = expert_ids.argsort(stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.n_routed_experts)
+        token_of = order // self.topk
+        routed = torch.zeros_like(flat)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]
+            w = weights.flatten()[order[start:start + n]].unsqueeze(1)
+            routed.index_add_(0, tok, (self.experts[e](flat[tok]) * w).type_as(flat))
+            start += n
+        y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+        aux = flat.new_zeros((), dtype=torch.float32)
+        if self.training:
+            self.expert_load += counts.to(self.expert_load.dtype)
+            if self.alpha > 0:
+                aux = self.alpha * sequence_balance_loss(scores, indices, seq_id, B, self.topk)
+        if token_mask is not None:
+            y = flat.new_zeros(B * T, D).index_copy_(0, keep, y)
+        return y.view(B, T, D), aux
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float):
+        """Aux-loss-free balancing: b_i -= gamma if expert i was overloaded, += gamma if underloaded."""
+        load = self.expert_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        if self.gate.bias is not None and load.sum() > 0:
+            self.gate.bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+def sequence_balance_loss(scores, indices, seq_id, n_seqs: int, topk: int) -> torch.Tensor:
+    """sum_i f_i P_i averaged over sequences (V3 eqs. 17-20); alpha is applied by the caller.
+
+    f_i = N_r / (K_r T) * #tokens of the sequence routed to i;  P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+    Equals 1 when routing and affinities are uniform.
+    """
+    n_experts = scores.shape[1]
+    tokens = torch.bincount(seq_id, minlength=n_seqs).clamp(min=1).float()             # T per sequence
+    hits = torch.zeros(n_seqs * n_experts, device=scores.device)
+    hits.index_add_(0, (seq_id.unsqueeze(1) * n_experts + indices).flatten(),
+                    torch.ones(indices.numel(), device=scores.device))
+    f = hits.view(n_seqs, n_experts) * n_experts / (topk * tokens.unsqueeze(1))
+    p = torch.zeros(n_seqs, n_experts, device=scores.device)
+    p = p.index_add(0, seq_id, scores / scores.sum(dim=-1, keepdim=True)) / tokens.unsqueeze(1)
+    present = torch.bincount(seq_id, minlength=n_seqs) > 0
+    return (f * p).sum(dim=-1)[present].mean() if present.any() else scores.new_zeros(())
+
+
+# -------------------------------------------------------------------------------------------------
+# Blocks, Multi-Token Prediction, the model
+
+class Block(nn.Module):
+    """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x))."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x, cos, sin, mask, token_mask=None, cache=None, start_pos=0, attn_impl="naive"):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start_pos, attn_impl)
+        if isinstance(self.ffn, MoE):
+            h, aux = self.ffn(self.ffn_norm(x), token_mask)
+        else:
+            h, aux = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + h, aux
+
+
+class MTPModule(nn.Module):
+    """One MTP depth k (V3 eqs. 21-23): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], then a block.
+
+    Embedding and output head are shared with the main model; the concat puts the embedding first,
+    as the released checkpoints do.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim)  # M_k
+        self.block = Block(cfg.n_layers, cfg)  # always MoE: its index is past the dense layers
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared_head.norm
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                            # (B, T, V)
+    loss: torch.Tensor | None = None                # ntp + mtp + balance
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # "ntp", "mtp", "balance"
+    hidden: torch.Tensor | None = None              # (B, T, D) last hidden state before the final norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = Linear(cfg.dim, cfg.vocab_size)  # not tied to the embedding
+        self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, init_std) weights, unit norms, zero router bias, fresh rope tables.
+
+        Call after `to_empty()` when the model was built on the meta device (where it does nothing).
+        """
+        if self.embed.weight.is_meta:
+            return
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, MoE):
+                module.expert_load.zero_()
+        cos, sin = rope_tables(self.cfg, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_router_biases(self, gamma: float | None = None):
+        """Call after each optimizer step: apply the aux-loss-free bias rule to every MoE layer."""
+        gamma = self.cfg.bias_update_speed if gamma is None else gamma
+        for moe in self.moe_layers():
+            moe.update_bias(gamma)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """An empty latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        return [KVCache(torch.zeros(batch_size, max_len, self.cfg.kv_lora_rank, dtype=dtype, device=device),
+                        torch.zeros(batch_size, max_len, self.cfg.qk_rope_head_dim, dtype=dtype, device=device))
+                for _ in self.layers]
+
+    def _positions_and_mask(self, B, T, start_pos, key_mask, device):
+        """Rope positions (B, T) and the attention mask (B, 1, T, S) or None for plain causal.
+
+        key_mask (B, S = start_pos + T) marks real tokens; with left padding a row's positions count
+        only its real tokens, so a padded prompt sees the same positions as an unpadded one.
+        """
+        S = start_pos + T
+        if key_mask is None:
+            positions = torch.arange(start_pos, S, device=device).expand(B, T)
+            if start_pos == 0:
+                return positions, None
+            causal = torch.arange(T, device=device).unsqueeze(1) + start_pos >= torch.arange(S, device=device)
+            return positions, causal.expand(B, 1, T, S)
+        if key_mask.shape != (B, S):
+            raise ValueError(f"key_mask must have shape {(B, S)}, got {tuple(key_mask.shape)}")
+        key_mask = key_mask.bool()
+        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start_pos:]
+        q_idx = torch.arange(start_pos, S, device=device).unsqueeze(1)     # (T, 1)
+        k_idx = torch.arange(S, device=device)                              # (S,)
+        mask = (k_idx <= q_idx) & key_mask[:, None, :]                      # (B, T, S)
+        mask = mask | (k_idx == q_idx)  # a padding query sees itself, so no row is empty (no NaN)
+        return positions, mask.unsqueeze(1)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                key_mask: torch.Tensor | None = None, cache: list[KVCache] | None = None,
+                start_pos: int = 0, attn_impl: str = "naive", mtp: bool = True) -> ModelOutput:
+        """tokens (B, T) at positions start_pos.. of the cache; targets (B, T) next-token ids, -100 = ignore.
+
+        key_mask (B, start_pos + T) marks real (non-padding) tokens over the cache and the new tokens.
+        With targets, the loss is next-token CE + lambda * mean MTP CE + balance loss, with each part
+        in `parts`. MTP runs only when targets are given and `mtp` is true.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        positions, mask = self._positions_and_mask(B, T, start_pos, key_mask, tokens.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]      # (B, T, d_R/2)
+        token_mask = None if key_mask is None else key_mask[:, start_pos:].bool()
+        h = self.embed(tokens)
+        balance = h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, aux = layer(h, cos, sin, mask, token_mask, None if cache is None else cache[i], start_pos, attn_impl)
+            balance = balance + aux
+        logits = self.head(self.norm(h))
+        if targets is None:
+            return ModelOutput(logits, hidden=h)
+        ntp = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        parts = {"ntp": ntp}
+        loss = ntp
+        if mtp and len(self.mtp) > 0:
+            mtp_losses, h_k = [], h
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k < 1:
+                    break
+                # Depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1} = targets[i+k].
+                emb = module.enorm(self.embed(tokens[:, k:]))                  # (B, T-k, D)
+                h_k = module.eh_proj(torch.cat([emb, module.hnorm(h_k[:, :T - k])], dim=-1))
+                sub_mask = None if mask is None else mask[:, :, :T - k, :T - k]
+                sub_tokens = None if token_mask is None else token_mask[:, k:] & token_mask[:, :T - k]
+                h_k, aux = module.block(h_k, cos[:, :T - k], sin[:, :T - k], sub_mask, sub_tokens)
+                balance = balance + aux
+                mtp_logits = self.head(module.norm(h_k))
+                mtp_losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(),
+                                                  targets[:, k:].flatten(), ignore_index=-100))
+            if mtp_losses:
+                parts["mtp"] = torch.stack(mtp_losses).mean()
+                loss = loss + self.cfg.mtp_lambda * parts["mtp"]
+        if self.training and self.moe_layers():
+            parts["balance"] = balance
+            loss = loss + balance
+        return ModelOutput(logits, loss, parts, h)
+
+
+# -------------------------------------------------------------------------------------------------
+# Parameter counting
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    """Total and per-token active parameters of the main model, and the MTP modules' own parameters.
+
+    Active = total minus the routed experts a token does not visit; it includes the embedding row
+    lookup as a full matrix, as DeepSeek's own counts do. The router biases count as parameters, as
+    they are stored tensors of the checkpoint (`e_score_correction_bias`). Works on the meta device.
+    """
+    cfg = model.cfg
+
+    def numel(module):
+        biases = sum(g.bias.numel() for g in module.modules() if isinstance(g, Gate) and g.bias is not None)
+        return sum(p.numel() for p in module.parameters()) + biases
+
+    mtp = numel(model.mtp)
+    total = numel(model) - mtp
+    main_moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    idle = sum(sum(p.numel() for p in moe.experts[0].parameters()) * (cfg.n_routed_experts - cfg.n_activated_experts)
+               for moe in main_moe)
+    return {"total": total, "active": total - idle, "mtp": mtp,
+            "embedding": model.embed.weight.numel()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Sampling with the latent cache
+
+@dataclass
+class Generation:
+    prompt_tokens: torch.Tensor     # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor       # (B, P) bool, real prompt tokens
+    tokens: torch.Tensor            # (B, N) sampled ids, pad after a stop token
+    mask: torch.Tensor              # (B, N) bool, tokens up to and including the stop token
+    logprobs: torch.Tensor          # (B, N) log pi(token) under softmax(logits / temperature), 0 where masked
+    stopped: torch.Tensor           # (B,) bool, True if a stop token ended the row (False = truncated)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None):
+    """Sample from (B, V) logits; returns ids (B,) and their log-probs under softmax(logits / T)."""
+    logits = logits.float()
+    if temperature <= 0:
+        ids = logits.argmax(dim=-1)
+        return ids, logits.log_softmax(dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
+    logits = logits / temperature
+    logprobs = logits.log_softmax(dim=-1)
+    filtered = logits
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = filtered.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p   # keep the smallest prefix with mass >= top_p
+        filtered = filtered.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    ids = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return ids, logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int,
+             stop_ids: tuple[int, ...] = (), temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, generator: torch.Generator | None = None,
+             attn_impl: str = "absorbed") -> Generation:
+    """Batched sampling: left-pad the prompts, prefill once, then decode with the latent cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs a token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.embed.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    prompt_tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        prompt_tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[b, P - len(p):] = True
+    cache = model.new_cache(B, P + max_new_tokens)
+    key_mask = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
+    for t in range(max_new_tokens):
+        ids, lp = sample_token(logits, temperature, top_p, top_k, generator)
+        live = ~done
+        tokens[:, t] = torch.where(live, ids, pad_id)
+        logprobs[:, t] = torch.where(live, lp, 0.0)
+        mask[:, t] = live
+        done = done | (live & torch.isin(ids, stop))
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
+                       start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
+    model.train(was_training)
+    return Generation(prompt_tokens, prompt_mask, tokens, mask, logprobs, done)
