@@ -159,7 +159,7 @@ PRESETS: dict[str, dict] = {
                 n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
                 route_scale=1.0, use_router_bias=False, balance_loss_alpha=0.0, q_lora_rank=0,
                 mscale=0.707, mtp_depth=0),
-    # About 3M parameters: trains on a 2-core CPU in minutes and keeps every V3 feature
+    # About 1.6M parameters (2M with MTP): trains on a 2-core CPU in minutes and keeps every V3 feature
     # (MLA with q_lora, sigmoid group-limited routing with bias, shared expert, MTP, YaRN).
     "tiny": dict(vocab_size=1024, dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4,
                  n_dense_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
@@ -245,13 +245,13 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by pos * f_i, the official convention.
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by pos * f_i, the official convention: the pair is
+    the complex number x[2i] + i x[2i+1], multiplied by e^(i pos f_i) = cos + i sin.
 
     x: (B, T, H, d); cos, sin: (B, T, d/2).
     """
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, d/2) each
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, H, d/2, 2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, d/2)
+    out = torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(2))        # (B, T, H, d/2, 2)
     return out.flatten(-2).type_as(x)
 
 
@@ -328,18 +328,22 @@ class MLA(nn.Module):
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, 192)
             q = torch.cat([q_nope, q_pe], dim=-1)                                       # (B, T, H, 192)
+            if self.v_head_dim < self.qk_head_dim:  # SDPA's fused kernels want one head dim for q, k, v
+                v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))                   # (B, S, H, 192)
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=is_causal, scale=self.softmax_scale)                          # (B, H, T, d_v)
+                is_causal=is_causal, scale=self.softmax_scale)[..., :self.v_head_dim]   # (B, H, T, d_v)
         elif attn_impl == "absorbed":
             wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)                   # (H, d_h + d_v, d_c)
             # q_nope^T W^UK c = (W^UK^T q_nope)^T c: attend in the latent space with one shared key.
             q_nope = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
             q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                      # (B, H, T, d_c + d_R)
-            k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1)                              # (B, 1, S, d_c + d_R)
+            k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1).expand(-1, H, -1, -1)       # (B, H, S, d_c + d_R)
+            # The values are the latents c, the first d_c columns of k: passing k as v keeps one head
+            # dim for q, k and v, which SDPA's fused kernels want, and the k^R columns are dropped.
             o = F.scaled_dot_product_attention(
-                q, k.expand(-1, H, -1, -1), kv.unsqueeze(1).expand(-1, H, -1, -1), attn_mask=mask,
-                is_causal=is_causal, scale=self.softmax_scale)                          # (B, H, T, d_c)
+                q, k, k, attn_mask=mask, is_causal=is_causal,
+                scale=self.softmax_scale)[..., :self.kv_lora_rank]                      # (B, H, T, d_c)
             o = torch.einsum("bhtc,hdc->bhtd", o, wkv_b[:, self.qk_nope_head_dim:])    # W^UV: (B, H, T, d_v)
         else:
             raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
@@ -405,21 +409,21 @@ class MoE(nn.Module):
         if token_mask is not None:  # route only real tokens: padding neither costs compute nor counts as load
             keep = token_mask.reshape(-1).nonzero().squeeze(1)
             flat, seq_id = flat[keep], seq_id[keep]
+        if flat.shape[0] == 0:  # every token is padding
+            return x.new_zeros(B, T, D), x.new_zeros((), dtype=torch.float32)
         weights, indices, scores = self.gate(flat)
         # Dispatch grouped by expert: sort the (token, slot) pairs by expert id, one matmul per expert.
         expert_ids = indices.flatten()                                           # (N*K,)
         order = expert_ids.argsort(stable=True)
         counts = torch.bincount(expert_ids, minlength=self.n_routed_experts)
         token_of = order // self.topk
-        routed = torch.zeros_like(flat)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            tok = token_of[start:start + n]
-            w = weights.flatten()[order[start:start + n]].unsqueeze(1)
-            routed.index_add_(0, tok, (self.experts[e](flat[tok]) * w).type_as(flat))
-            start += n
+        # One gather in, one weighted scatter-add out; in between each expert sees a contiguous slice
+        # (an expert without tokens passes its empty slice through uncomputed).
+        chunks = flat[token_of].split(counts.tolist())                          # (n_e, D) per expert
+        out = torch.cat([self.experts[e](chunk) if len(chunk) else chunk
+                         for e, chunk in enumerate(chunks)])                    # (N*K, D)
+        out = out * weights.flatten()[order].unsqueeze(1)
+        routed = torch.zeros_like(flat).index_add_(0, token_of, out.type_as(flat))
         y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.training:
@@ -696,7 +700,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     return ids, logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping, which is much of a small model's decode step
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int,
              stop_ids: tuple[int, ...] = (), temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, generator: torch.Generator | None = None,
@@ -735,4 +739,5 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
                        start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
     model.train(was_training)
-    return Generation(prompt_tokens, prompt_mask, tokens, mask, logprobs, done)
+    with torch.inference_mode(False):  # plain tensors out, which training may use (old log-probs)
+        return Generation(*(t.clone() for t in (prompt_tokens, prompt_mask, tokens, mask, logprobs, done)))

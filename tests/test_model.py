@@ -440,3 +440,9 @@ def test_meta_model_materialises_with_init_weights():
 def test_config_is_a_plain_dataclass_with_documented_presets():
     for name in ("full", "236B", "16B", "tiny", "micro"):
         assert isinstance(get_config(name), ModelConfig)
+
+
+def test_a_batch_of_padding_only_routes_nothing():
+    _, moe, x = moe_and_input()
+    y, aux = moe(x.view(4, 16, -1), torch.zeros(4, 16, dtype=torch.bool))
+    assert (y == 0).all() and aux == 0
