@@ -73,15 +73,15 @@ class PipelineConfig:
     vocab_size: int = 1024
     # data
     task: str = "arith"
-    difficulty: dict = field(default_factory=lambda: {"n_operands": [2, 3], "max_value": 9, "ops": "+-*"})
-    n_train: int = 4000                # distinct training problems
+    difficulty: dict = field(default_factory=lambda: {"n_operands": [2, 3], "max_value": 9, "ops": "+-"})
+    n_train: int = 2500                # distinct training problems
     n_test: int = 100                  # held-out problems for evaluation
-    corpus_tagged_share: float = 0.2   # pretraining documents that write solutions in <think>/<answer> tags
+    corpus_tagged_share: float = 0.25  # pretraining documents that write solutions in <think>/<answer> tags
     corpus_langs: dict = field(default_factory=lambda: {"en": 0.5, "zh": 0.25, "mixed": 0.25})
     max_new_tokens: int = 48
     pretrain_seq_len: int = 192       # packed pretraining window
     # stages
-    pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(steps=500, batch_size=16, lr=3e-3, warmup=30))
+    pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(steps=400, batch_size=16, lr=3e-3, warmup=30))
     r1_zero: RLStageConfig = field(default_factory=RLStageConfig)
     cold_start: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, lr=1e-3))
     n_cold_start: int = 2000
@@ -92,7 +92,7 @@ class PipelineConfig:
     sft3: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=1e-3))
     all_rl: RLStageConfig = field(default_factory=lambda: RLStageConfig(language_weight=1.0, general_from=0.75))
     # distillation
-    student_pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(steps=500, batch_size=16, lr=3e-3, warmup=30))
+    student_pretrain: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, batch_size=16, lr=3e-3, warmup=30))
     distill_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=1e-3))
     student_rl: RLStageConfig = field(default_factory=RLStageConfig)
     # evaluation
@@ -111,10 +111,10 @@ def pipeline_preset(size: str) -> PipelineConfig:
     if size == "tiny":
         rl = dict(group_size=8, prompts_per_step=8, max_new_tokens=48, beta=0.01, temperature=1.0)
         return PipelineConfig(
-            r1_zero=_rl(30, 3e-4, **rl), reasoning_rl=_rl(20, 2e-4, language_weight=1.0, **rl),
-            all_rl=_rl(16, 2e-4, language_weight=1.0, general_from=0.5, **rl),
+            r1_zero=_rl(30, 3e-5, **rl), reasoning_rl=_rl(15, 2e-5, language_weight=1.0, **rl),
+            all_rl=_rl(12, 2e-5, language_weight=1.0, general_from=0.5, **rl),
             student=dict(dim=96, n_layers=3, inter_dim=256, n_heads=4, q_lora_rank=48, kv_lora_rank=32),
-            student_rl=_rl(30, 3e-4, **rl))
+            student_rl=_rl(30, 3e-5, **rl))
     if size == "micro":
         rl = dict(group_size=2, prompts_per_step=2, max_new_tokens=8, beta=0.01)
         sft = SFTConfig(steps=2, batch_size=4, lr=1e-3, warmup=1)
