@@ -190,7 +190,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 def dense_config(cfg: ModelConfig, **overrides) -> ModelConfig:
     """The same architecture with every FFN dense and no MTP: a distillation student."""
-    return replace(cfg, **{"n_dense_layers": cfg.n_layers, "mtp_depth": 0, **overrides})
+    n_layers = overrides.get("n_layers", cfg.n_layers)
+    return replace(cfg, **{"n_dense_layers": n_layers, "mtp_depth": 0, **overrides})
 
 
 # -------------------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def test_unknown_preset_and_field_are_rejected():
 def test_dense_student_has_no_moe():
     student = Transformer(dense_config(get_config("micro")))
     assert student.moe_layers() == [] and len(student.mtp) == 0
+    shallower = Transformer(dense_config(get_config("tiny"), n_layers=2, dim=64))
+    assert shallower.moe_layers() == [] and len(shallower.layers) == 2
 
 
 # ------------------------------------------------------------------------------------------------
