@@ -43,7 +43,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Callable
 
-from tasks import Problem, last_boxed
+from tasks import Problem, last_boxed, match_brace
 
 MAX_ANSWER_CHARS = 1000  # longer answers are wrong without being read
 MAX_TOKENS = 400
@@ -102,24 +102,6 @@ _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?%?")
 _PLAIN_NUMBER_RE = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
 
 
-def _match_brace(s: str, i: int) -> int:
-    """Index of the brace closing s[i] == "{", or -1; \\{ and \\} are not braces."""
-    depth = 0
-    while i < len(s):
-        ch = s[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return -1
-
-
 def _normalize(s: str) -> str | None:
     s = s.strip()
     if "\\boxed" in s or "\\fbox" in s:
@@ -145,7 +127,7 @@ def _normalize(s: str) -> str | None:
         m = _TEXT_RE.search(s)
         if m is None:
             break
-        close = _match_brace(s, m.end() - 1)
+        close = match_brace(s, m.end() - 1)
         if close < 0:
             return None
         s = s[:m.start()] + s[m.end():close] + s[close + 1:]

@@ -706,21 +706,26 @@ def last_boxed(text: str) -> str | None:
     if text[j] != "{":
         m = re.match(r"[^\s$]+", text[j:])
         return m.group(0) if m else None
+    k = match_brace(text, j)
+    return text[j + 1:k] if k >= 0 else None
+
+
+def match_brace(s: str, i: int) -> int:
+    """Index of the brace closing s[i] == "{", or -1; \\{ and \\} are not braces."""
     depth = 0
-    k = j
-    while k < len(text):
-        ch = text[k]
+    while i < len(s):
+        ch = s[i]
         if ch == "\\":
-            k += 2  # \{ and \} do not count
+            i += 2
             continue
         if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[j + 1:k]
-        k += 1
-    return None
+                return i
+        i += 1
+    return -1
 
 
 def parse_gold_answer(raw: str) -> str:
