@@ -727,18 +727,20 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
-    for t in range(max_new_tokens):
-        ids, lp = sample_token(logits, temperature, top_p, top_k, generator)
-        live = ~done
-        tokens[:, t] = torch.where(live, ids, pad_id)
-        logprobs[:, t] = torch.where(live, lp, 0.0)
-        mask[:, t] = live
-        done = done | (live & torch.isin(ids, stop))
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
-                       start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
-    model.train(was_training)
+    try:
+        logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
+        for t in range(max_new_tokens):
+            ids, lp = sample_token(logits, temperature, top_p, top_k, generator)
+            live = ~done
+            tokens[:, t] = torch.where(live, ids, pad_id)
+            logprobs[:, t] = torch.where(live, lp, 0.0)
+            mask[:, t] = live
+            done = done | (live & torch.isin(ids, stop))
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
+                           start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
+    finally:
+        model.train(was_training)
     with torch.inference_mode(False):  # plain tensors out, which training may use (old log-probs)
         return Generation(*(t.clone() for t in (prompt_tokens, prompt_mask, tokens, mask, logprobs, done)))
