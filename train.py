@@ -336,7 +336,7 @@ def write_report(out: Path, cfg: PipelineConfig, data: Data, timings: dict):
     lines += ["", f"Total training wall time (stages only): {total:.0f} s.", ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
     if data.test:
-        lines += [f"## One held-out question, every model", "", f"Question: `{data.test[0].question}` "
+        lines += ["## One held-out question, every model", "", f"Question: `{data.test[0].question}` "
                   f"(answer {data.test[0].answer})", ""]
         for stage, text in samples:
             lines += [f"**{TITLES[stage]}**", "", "```", text.strip() or "(empty)", "```", ""]
