@@ -201,7 +201,8 @@ def merge_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
                    _pad_cat([p.mask for p in parts], False, False),
                    torch.cat([p.stopped for p in parts]),
                    _pad_cat([p.sample_logprobs for p in parts], 0.0, False),
-                   torch.cat([p.lengths for p in parts]), sum((p.texts for p in parts), []), torch.cat([p.rewards for p in parts]), comps)
+                   torch.cat([p.lengths for p in parts]), sum((p.texts for p in parts), []),
+                   torch.cat([p.rewards for p in parts]), comps)
 
 
 def select_groups(r: Rollout, groups: Sequence[int], G: int) -> Rollout:
