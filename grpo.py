@@ -158,7 +158,8 @@ def completion_logprobs(model: Transformer, prompt_tokens, prompt_mask, tokens, 
     logp = logps.gather(2, tokens.unsqueeze(2)).squeeze(2)
     if not with_entropy:
         return logp
-    entropy = -(logps.exp() * logps).sum(dim=-1)
+    with torch.no_grad():  # a metric only: no autograd graph over (B, N, V) on the update's hot path
+        entropy = -(logps.exp() * logps).sum(dim=-1)
     return logp, entropy
 
 
@@ -323,7 +324,7 @@ class GRPO:
                     sums["loss"] += loss.item()
                     sums["kl"] += st.kl * share
                     sums["clip_frac"] += st.clip_frac * share
-                    sums["entropy"] += float((ent.detach() * m).sum() / m.sum().clamp(min=1)) * share
+                    sums["entropy"] += float((ent * m).sum() / m.sum().clamp(min=1)) * share
                 sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
                 self.optimizer.step()
                 policy.update_router_biases()
