@@ -7,7 +7,9 @@ by `from_pretrained`; the logits are compared first).
 - sampling tokens/s: B prompts, N new tokens, temperature 1, no stop token; our latent-cache
   `generate` against transformers' `generate` with its DynamicCache;
 - KV-cache bytes per token against the MLA minimum (kv_lora_rank + qk_rope_head_dim) * bytes * layers;
-- MFU: FLOPs per token (`train_flops_per_token`) x tokens/s over an fp32 matmul peak timed in the run.
+- MFU: FLOPs per token (`train_flops_per_token`) x tokens/s over an fp32 matmul peak timed in the run;
+- our routed experts' two paths (`Experts.dense`, `Experts.grouped`) by token count, which places
+  the switch between them (`Experts.dense_max_wasted_flops`).
 Each repetition runs every variant once, alternating the order, and figures are medians, so ratios
 stay fair on a shared machine (the load average is printed). One torch thread by default (a second
 waits on cores that others hold), and then speeds are per CPU-second of this process, which other
@@ -25,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import transformers
@@ -125,6 +128,23 @@ def hf_cache_bytes_per_token(cache) -> float:
 # -------------------------------------------------------------------------------------------------
 # The benchmark
 
+def bench_experts(model: Transformer, reps: int) -> dict:
+    """Seconds per call of one MoE layer's routed experts, `dense` against `grouped`, by token count,
+    and the most tokens `Experts.forward` sends to `dense`."""
+    experts = model.moe_layers()[0].experts
+    E, inter, D = experts.w1.shape
+    K = model.cfg.n_activated_experts
+    by_tokens = {}
+    for n in (4, 8, 16, 32, 64, 128):
+        x, weights = torch.randn(n, D), torch.rand(n, K)
+        indices = torch.rand(n, E).topk(K, dim=1).indices
+        runs = {path: partial(getattr(experts, path), x, weights, indices) for path in ("dense", "grouped")}
+        with torch.inference_mode():
+            times = interleaved(runs, reps=reps, warmup=3)
+        by_tokens[n] = {path: medians(times[path]) for path in runs}
+    return {"by_tokens": by_tokens, "dense_up_to": experts.dense_max_wasted_flops // (6 * (E - K) * inter * D)}
+
+
 def build_hf_variants(model: Transformer, tmp: str) -> dict[str, torch.nn.Module]:
     """transformers' DeepseekV3ForCausalLM with our config and weights, for every attention x experts
     implementation."""
@@ -158,7 +178,8 @@ def bench(args) -> dict:
         # Per CPU-second only with one thread: more threads also count their time spent waiting.
         "clock": "cpu" if torch.get_num_threads() == 1 else "wall",
         "config": {"size": args.size, "batch": B, "seq": T, "prompt_len": P, "new_tokens": N,
-                   "steps": args.steps, "sample_reps": args.sample_reps, **counts},
+                   "steps": args.steps, "sample_reps": args.sample_reps, "expert_reps": args.expert_reps,
+                   **counts},
     }
     report["machine"]["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,6 +296,7 @@ def bench(args) -> dict:
         "sampling": primary["sampling"] >= TARGETS["sampling"],
         "kv_cache": ours_bytes == report["kv_cache"]["mla_minimum"],
     }
+    report["experts"] = bench_experts(ours, reps=args.expert_reps)
     report["machine"]["load_after"] = load_avg()
     return report
 
@@ -330,6 +352,13 @@ def print_report(r: dict):
               f"{'met' if met[part] else 'MISSED'}{extra}")
     print(f"  KV cache  {k['ours']:,.0f} bytes per token, minimum {k['mla_minimum']:,}: "
           f"{'met' if met['kv_cache'] else 'MISSED'}")
+    print()
+    e = r["experts"]
+    print(f"our routed experts, one MoE layer, us per call ({unit[clock]}; median of {c['expert_reps']}); "
+          f"Experts.forward runs dense up to {e['dense_up_to']} tokens:")
+    print("  tokens   " + "".join(f"{n:>8}" for n in e["by_tokens"]))
+    for path in ("dense", "grouped"):
+        print(f"  {path:<8} " + "".join(f"{v[path][clock] * 1e6:>8,.0f}" for v in e["by_tokens"].values()))
 
 
 def main():
@@ -341,6 +370,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per prompt")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     parser.add_argument("--sample-reps", type=int, default=3, help="timed generate calls per variant")
+    parser.add_argument("--expert-reps", type=int, default=50, help="timed calls per routed-experts path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers to this file")

@@ -5,7 +5,9 @@ R1 trains from DeepSeek-V3-Base, released in this format; a model trained here g
   (softmax routing); a field model.py cannot compute is an error naming it.
 - Sharded safetensors, renamed per tensor (official names <-> `model.layers.N.self_attn...`) and read
   one tensor at a time into a model built on the meta device (all of it, or what `keep` selects);
-  block-FP8 weights are dequantised on load; MTP module k is `model.layers.{n_layers + k - 1}`.
+  block-FP8 weights are dequantised on load; MTP module k is `model.layers.{n_layers + k - 1}`; the
+  routed experts, stacked in model.py (`experts.w1` of shape (N_r, inter, dim)), are one tensor per
+  expert in the checkpoint (`experts.{e}.gate_proj.weight`): split on save, stacked on load.
 - A byte-level BPE tokenizer.json as a `tiktoken.Encoding`, and DeepSeek-R1's chat format.
 Choices: every checkpoint problem (missing, unexpected, mis-shaped tensors, a truncated file) is
 reported at once before a tensor is read; the MTP layer's copies of the embedding and head are only
@@ -237,6 +239,19 @@ def hf_name(name: str, n_layers: int) -> str:
     return ".".join([prefix, *(HF_COMPONENT.get(p, p) for p in rest)])
 
 
+# A stacked routed-expert parameter of model.py: slice e is expert e's Linear `{experts}.{e}.{w}.weight`.
+STACKED_EXPERTS = re.compile(r"(.+\.experts)\.(w[123])$")
+
+
+def per_expert(name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]]:
+    """The model.py names a state-dict entry holds, each with its expert index: one per expert for a
+    stacked expert weight (named as the official per-expert Linear), else the entry itself (None)."""
+    m = STACKED_EXPERTS.fullmatch(name)
+    if m is None:
+        return [(name, None)]
+    return [(f"{m[1]}.{e}.{m[2]}.weight", e) for e in range(tensor.shape[0])]
+
+
 def _mtp_layers(cfg: ModelConfig, depth: int) -> range:
     return range(cfg.n_layers, cfg.n_layers + depth)
 
@@ -346,12 +361,15 @@ def _check_compatible(model_cfg: ModelConfig, ckpt_cfg: ModelConfig):
         raise CheckpointError(_listing("the model's config differs from the checkpoint's", differ))
 
 
-def _plan(shards: _Shards, model: Transformer, ckpt_mtp_depth: int, block) -> list[tuple[str, str, str | None]]:
-    """(checkpoint key, model.py name, fp8 scale key or None) for every tensor to read, after
-    checking names, shapes and dtypes of the whole checkpoint from the file headers alone."""
+def _plan(shards: _Shards, model: Transformer, ckpt_mtp_depth: int,
+          block) -> list[tuple[str, str, int | None, str | None]]:
+    """(checkpoint key, model.py name, expert index or None, fp8 scale key or None) for every tensor
+    to read, after checking names, shapes and dtypes of the whole checkpoint from the file headers
+    alone. An expert index e means the tensor is slice e of a stacked expert weight."""
     cfg = model.cfg
     targets = model.state_dict(keep_vars=True)          # parameters and the router-bias buffers
-    by_hf = {hf_name(name, cfg.n_layers): name for name in targets}
+    by_hf = {hf_name(sub, cfg.n_layers): (name, e)  # checkpoint key -> (model.py name, expert index)
+             for name, t in targets.items() for sub, e in per_expert(name, t)}
     loaded_mtp = set(_mtp_layers(cfg, cfg.mtp_depth))
     skipped_mtp = set(_mtp_layers(cfg, ckpt_mtp_depth)) - loaded_mtp
     copies = {"embed_tokens.weight": model.embed.weight, "shared_head.head.weight": model.head.weight}
@@ -375,9 +393,10 @@ def _plan(shards: _Shards, model: Transformer, ckpt_mtp_depth: int, block) -> li
         if key not in by_hf:
             problems["unexpected"].append(key)
             continue
-        name = by_hf.pop(key)
-        if shape != tuple(targets[name].shape):
-            problems["wrong shape"].append(f"{key}: checkpoint {shape}, model {tuple(targets[name].shape)}")
+        name, expert = by_hf.pop(key)
+        expected = tuple(targets[name].shape[1:] if expert is not None else targets[name].shape)
+        if shape != expected:
+            problems["wrong shape"].append(f"{key}: checkpoint {shape}, model {expected}")
             continue
         scale_key = None
         if dtype in FP8_DTYPES:
@@ -393,7 +412,7 @@ def _plan(shards: _Shards, model: Transformer, ckpt_mtp_depth: int, block) -> li
         elif dtype not in FLOAT_DTYPES:
             problems["unsupported dtype"].append(f"{key}: {dtype}")
             continue
-        plan.append((key, name, scale_key))
+        plan.append((key, name, expert, scale_key))
     problems["missing"] = sorted(by_hf)
     if any(problems.values()):
         hint = ""
@@ -404,14 +423,20 @@ def _plan(shards: _Shards, model: Transformer, ckpt_mtp_depth: int, block) -> li
     return plan
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device):
-    """Put a loaded tensor into parameter or persistent buffer `name`: a meta entry is replaced by
-    the tensor on `device` (parameters in `dtype`, the fp32 router bias kept fp32); a materialised
-    one is copied into, in its own dtype (a DTensor receives its local shard)."""
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device, expert: int | None = None):
+    """Put a loaded tensor into parameter or persistent buffer `name`, or into its slice `expert` of
+    a stacked expert weight: a meta entry is replaced by a tensor on `device` (parameters in `dtype`,
+    the fp32 router bias kept fp32; a stacked one allocated on its first expert); a materialised one
+    is copied into, in its own dtype (a DTensor receives its local shard of a whole tensor)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     is_param = attr in module._parameters
     old = module._parameters[attr] if is_param else module._buffers[attr]
+    if old.is_meta and expert is not None:
+        new = torch.empty(old.shape, dtype=dtype, device=device)
+        new[expert] = tensor
+        module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        return
     if old.is_meta:
         new = tensor.to(device=device, dtype=dtype if is_param else old.dtype)
         if is_param:
@@ -426,7 +451,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device):
             full = tensor.to(device=local.device, dtype=old.dtype)
             local.copy_(distribute_tensor(full, old.device_mesh, old.placements, src_data_rank=None).to_local())
         else:
-            old.copy_(tensor)
+            (old if expert is None else old[expert]).copy_(tensor)
 
 
 def _materialise_buffers(model: Transformer, device):
@@ -471,7 +496,8 @@ def load_hf_checkpoint(path, *, dtype=torch.float32, device="cpu", model: Transf
     shards = _Shards(path)
     try:
         targets = model.state_dict(keep_vars=True)
-        for key, name, scale_key in _plan(shards, model, ckpt_cfg.mtp_depth, block):
+        stacks = {}  # the experts of a sharded (DTensor) stacked weight, placed whole once all are read
+        for key, name, expert, scale_key in _plan(shards, model, ckpt_cfg.mtp_depth, block):
             if keep is not None and not keep(name):
                 continue
             # Read (and dequantise) where the parameter lives: on a GPU that is much faster.
@@ -479,7 +505,13 @@ def load_hf_checkpoint(path, *, dtype=torch.float32, device="cpu", model: Transf
             tensor = shards.tensor(key, where)
             if scale_key is not None:
                 tensor = dequantize_fp8(tensor, shards.tensor(scale_key, where), block)
-            _place(model, name, tensor, dtype, device)
+            if expert is not None and hasattr(targets[name], "device_mesh"):
+                stack = stacks.setdefault(name, [None] * targets[name].shape[0])
+                stack[expert] = tensor
+                if all(t is not None for t in stack):
+                    _place(model, name, torch.stack(stacks.pop(name)), dtype, device)
+                continue
+            _place(model, name, tensor, dtype, device, expert)
     finally:
         shards.close()
     _materialise_buffers(model, device)
@@ -521,7 +553,9 @@ def save_hf_checkpoint(model: Transformer, path, *, max_shard_bytes: int = 5_000
     for name, tensor in state.items():
         if dtype is not None and tensor.is_floating_point() and not name.endswith("gate.bias"):
             tensor = tensor.to(dtype)
-        entries.append((hf_name(name, cfg.n_layers), tensor.detach().cpu().contiguous()))
+        tensor = tensor.detach().cpu()
+        for sub, e in per_expert(name, tensor):
+            entries.append((hf_name(sub, cfg.n_layers), (tensor if e is None else tensor[e]).contiguous()))
     if not cfg.use_router_bias and hf["model_type"] == "deepseek_v3":
         # transformers' V3 router always adds e_score_correction_bias: zero is "no bias".
         for name, module in model.named_modules():
@@ -798,3 +832,29 @@ def format_r1_chat(messages: list[dict], add_generation_prompt: bool = True) -> 
     if add_generation_prompt:
         out.append(ASSISTANT_TOKEN + "<think>\n")
     return "".join(out)
+
+
+class HFTokenizer:
+    """The released tokenizer behind the pipeline's tokenizer interface (encode with bos, decode,
+    bos/eos/pad ids): text is encoded as ordinary text, so a special-token string inside a question
+    cannot forge a turn; BOS frames the prompt; EOS also pads (the release has no pad token)."""
+
+    def __init__(self, path):
+        self.enc = load_hf_tokenizer(path)
+        specials = self.enc._special_tokens
+        missing = [t for t in (BOS_TOKEN, EOS_TOKEN) if t not in specials]
+        if missing:
+            raise CheckpointError(f"{path}: tokenizer has no {missing}: not a DeepSeek-V3/R1 tokenizer")
+        self.bos_id, self.eos_id = specials[BOS_TOKEN], specials[EOS_TOKEN]
+        self.pad_id = self.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.enc.encode_ordinary(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -9,7 +9,8 @@ Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 241
 - DeepSeekMoE, eqs. 12-16: shared + routed SwiGLU experts, sigmoid (V3) or softmax (V2) affinities,
   group-limited top-k, auxiliary-loss-free balancing by a per-expert bias that changes the choice of
   experts but not their weights (eqs. 16, 17 and the bias update rule), the complementary
-  sequence-wise balance loss (eqs. 17-20).
+  sequence-wise balance loss (eqs. 17-20). The routed experts' weights are stacked (N_r, ., .)
+  tensors, run densely for a few tokens and grouped by expert for many.
 - Multi-Token Prediction, eqs. 21-25: D sequential modules sharing the embedding and the head.
 Deliberate choices: the router bias is a config switch rather than keyed on `dim`; YaRN is applied
 whenever rope_factor > 1 (the official code silently skips it for max_seq_len <= 4096); the sampler
@@ -257,7 +258,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense FFN, a routed expert, or the shared experts."""
+    """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense FFN or the shared experts (the routed
+    experts are the same function with stacked weights, `Experts`)."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -269,17 +271,20 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-Expert = MLP  # a routed expert is a narrow SwiGLU (official name)
-
-
 # -------------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 
-@dataclass
 class KVCache:
-    """The MLA cache of one layer: normalised latent c^KV and rotated shared key k^R per token."""
-    kv: torch.Tensor   # (B, S_max, kv_lora_rank)
-    pe: torch.Tensor   # (B, S_max, qk_rope_head_dim)
+    """The MLA cache of one layer: normalised latent c^KV and rotated shared key k^R per token.
+
+    A plain class, not a dataclass: FSDP2 rebuilds dataclass arguments around tensors that need
+    gradients, and the cache must stay the caller's object, written in place.
+    """
+    __slots__ = ("kv", "pe")
+
+    def __init__(self, kv: torch.Tensor, pe: torch.Tensor):
+        self.kv = kv   # (B, S_max, kv_lora_rank)
+        self.pe = pe   # (B, S_max, qk_rope_head_dim)
 
 
 class MLA(nn.Module):
@@ -307,7 +312,8 @@ class MLA(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0,
                 attn_impl: str = "naive"):
-        """x: (B, T, D); cos/sin: (B, T, d_R/2); mask: (B, 1, T, S) bool or None for plain causal."""
+        """x: (B, T, D); cos/sin: (B, T, d_R/2); mask: (B, 1, T, S) additive (0 where a query may
+        attend, -inf elsewhere) or None for plain causal."""
         B, T, _ = x.shape
         H = self.n_heads
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -321,7 +327,9 @@ class MLA(nn.Module):
             end = start_pos + T
             cache.kv[:B, start_pos:end] = kv
             cache.pe[:B, start_pos:end] = k_pe
-            kv, k_pe = cache.kv[:B, :end], cache.pe[:B, :end]               # (B, S, d_c), (B, S, d_R)
+            # (B, S, d_c), (B, S, d_R); in the compute dtype, should the cache be kept in another
+            # (FSDP2 mixed precision computes in bf16 while a model's stored dtype is fp32)
+            kv, k_pe = cache.kv[:B, :end].to(kv.dtype), cache.pe[:B, :end].to(k_pe.dtype)
         S = kv.shape[1]
         is_causal = mask is None and S == T
         if attn_impl == "naive":
@@ -336,16 +344,32 @@ class MLA(nn.Module):
                 is_causal=is_causal, scale=self.softmax_scale)[..., :self.v_head_dim]   # (B, H, T, d_v)
         elif attn_impl == "absorbed":
             wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)                   # (H, d_h + d_v, d_c)
+            w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
             # q_nope^T W^UK c = (W^UK^T q_nope)^T c: attend in the latent space with one shared key.
-            q_nope = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :self.qk_nope_head_dim])
-            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                      # (B, H, T, d_c + d_R)
-            k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1).expand(-1, H, -1, -1)       # (B, H, S, d_c + d_R)
-            # The values are the latents c, the first d_c columns of k: passing k as v keeps one head
-            # dim for q, k and v, which SDPA's fused kernels want, and the k^R columns are dropped.
-            o = F.scaled_dot_product_attention(
-                q, k, k, attn_mask=mask, is_causal=is_causal,
-                scale=self.softmax_scale)[..., :self.kv_lora_rank]                      # (B, H, T, d_c)
-            o = torch.einsum("bhtc,hdc->bhtd", o, wkv_b[:, self.qk_nope_head_dim:])    # W^UV: (B, H, T, d_v)
+            # Products batched over heads by bmm: einsum's own overhead is most of a decode step's.
+            q_nope = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, d_c)
+            if T == 1:
+                # A decode step: the scores of one query against the cache in two products, scaled
+                # and masked by baddbmm, without concatenating [c; k^R] (B, S, d_c + d_R) each layer.
+                bias = mask.view(B, 1, S) if mask is not None else kv.new_zeros(B, 1, S)
+                scores = torch.baddbmm(bias, q_nope.transpose(0, 1), kv.transpose(1, 2),
+                                       alpha=self.softmax_scale)                         # (B, H, S)
+                scores = torch.baddbmm(scores, q_pe.reshape(B, H, -1), k_pe.transpose(1, 2),
+                                       alpha=self.softmax_scale)
+                o = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).type_as(kv), kv)  # (B, H, d_c)
+                o = o.transpose(0, 1)                                                   # (H, B, d_c)
+            else:
+                q = torch.cat([q_nope.view(H, B, T, -1).transpose(0, 1), q_pe.transpose(1, 2)],
+                              dim=-1)                                                   # (B, H, T, d_c + d_R)
+                k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1).expand(-1, H, -1, -1)   # (B, H, S, d_c + d_R)
+                # The values are the latents c, the first d_c columns of k: passing k as v keeps one
+                # head dim for q, k and v, which SDPA's fused kernels want; the k^R columns are dropped.
+                o = F.scaled_dot_product_attention(
+                    q, k, k, attn_mask=mask, is_causal=is_causal,
+                    scale=self.softmax_scale)[..., :self.kv_lora_rank]                  # (B, H, T, d_c)
+                o = o.transpose(0, 1).reshape(H, B * T, -1)                             # (H, B*T, d_c)
+            o = torch.bmm(o, w_uv.transpose(1, 2))                                      # W^UV: (H, B*T, d_v)
+            o = o.view(H, B, T, -1).transpose(0, 1)                                     # (B, H, T, d_v)
         else:
             raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
         return self.wo(o.transpose(1, 2).flatten(2))                                    # (B, T, D)
@@ -390,6 +414,62 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+class Experts(nn.Module):
+    """The N_r routed experts of one MoE layer: expert e is the SwiGLU w2[e](silu(w1[e] x) * w3[e] x).
+
+    The official code and the checkpoints have one `Expert` of three Linears per expert (hf.py splits
+    and stacks them); stacked on a leading expert dimension, the weights let a layer run its experts
+    in a few batched products instead of 3 N_r small ones. Two ways to the routed sum of eq. 12,
+    sum_k g_k FFN_{i_k}(x), with the same values and gradients:
+    - `dense`: every expert on every token, gate weight 0 where it was not chosen: N_r / K_r times
+      the useful FLOPs in eight kernels, the fastest for a few tokens (a decode step);
+    - `grouped`: the (token, slot) pairs sorted by expert, three products per expert on its
+      contiguous slice: only the useful FLOPs, the fastest for many tokens (training, prefill).
+    """
+
+    # `dense` while the FLOPs it spends on unchosen experts stay below this, about what `grouped`'s
+    # extra per-expert kernels cost on one CPU core (measured with bench_model.py, see the README).
+    dense_max_wasted_flops = 2 ** 24
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate_proj of each expert
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x: (N, D); weights, indices: (N, K) gate weights g and chosen experts. Returns (N, D)."""
+        E, inter, D = self.w1.shape
+        wasted = 6 * x.shape[0] * (E - indices.shape[1]) * inter * D
+        if wasted <= self.dense_max_wasted_flops:
+            return self.dense(x, weights, indices)
+        return self.grouped(x, weights, indices)
+
+    def dense(self, x, weights, indices):
+        E, inter, D = self.w1.shape
+        N = x.shape[0]
+        g = x.new_zeros(N, E).scatter_(1, indices, weights.type_as(x))               # (N, E)
+        h = F.silu(F.linear(x, self.w1.view(E * inter, D))) * F.linear(x, self.w3.view(E * inter, D))
+        h = h.view(N, E, inter) * g.unsqueeze(2)                                     # (N, E, I)
+        return torch.bmm(h.transpose(0, 1), self.w2.transpose(1, 2)).sum(0)         # (E, N, D) -> (N, D)
+
+    def grouped(self, x, weights, indices):
+        E, K = self.w1.shape[0], indices.shape[1]
+        expert_ids = indices.flatten()                                               # (N*K,)
+        order = expert_ids.argsort(stable=True)
+        token_of = order // K
+        counts = torch.bincount(expert_ids, minlength=E).tolist()
+        # One gather in, one weighted scatter-add out; in between each expert sees a contiguous slice
+        # (an expert without tokens passes its empty slice through uncomputed). unbind rather than
+        # w1[e]: its backward stacks the E gradients once instead of summing E full-size ones.
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        chunks = x[token_of].split(counts)                                           # (n_e, D) per expert
+        out = torch.cat([F.linear(F.silu(F.linear(c, w1[e])) * F.linear(c, w3[e]), w2[e]) if len(c) else c
+                         for e, c in enumerate(chunks)])                             # (N*K, D)
+        out = out * weights.flatten()[order].unsqueeze(1)
+        return torch.zeros_like(x).index_add_(0, token_of, out.type_as(x))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -397,7 +477,7 @@ class MoE(nn.Module):
         self.topk = cfg.n_activated_experts
         self.alpha = cfg.balance_loss_alpha
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # Tokens routed to each expert since the last bias update (the "load" of the balancing rule).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -406,32 +486,24 @@ class MoE(nn.Module):
         """x: (B, T, D); token_mask: (B, T) bool of real tokens. Returns y (B, T, D) and the balance loss."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        seq_id = torch.arange(B, device=x.device).repeat_interleave(T)
+        keep = None
         if token_mask is not None:  # route only real tokens: padding neither costs compute nor counts as load
             keep = token_mask.reshape(-1).nonzero().squeeze(1)
-            flat, seq_id = flat[keep], seq_id[keep]
+            flat = flat[keep]
         if flat.shape[0] == 0:  # every token is padding
             return x.new_zeros(B, T, D), x.new_zeros((), dtype=torch.float32)
         weights, indices, scores = self.gate(flat)
-        # Dispatch grouped by expert: sort the (token, slot) pairs by expert id, one matmul per expert.
-        expert_ids = indices.flatten()                                           # (N*K,)
-        order = expert_ids.argsort(stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.n_routed_experts)
-        token_of = order // self.topk
-        # One gather in, one weighted scatter-add out; in between each expert sees a contiguous slice
-        # (an expert without tokens passes its empty slice through uncomputed).
-        chunks = flat[token_of].split(counts.tolist())                          # (n_e, D) per expert
-        out = torch.cat([self.experts[e](chunk) if len(chunk) else chunk
-                         for e, chunk in enumerate(chunks)])                    # (N*K, D)
-        out = out * weights.flatten()[order].unsqueeze(1)
-        routed = torch.zeros_like(flat).index_add_(0, token_of, out.type_as(flat))
-        y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+        y = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.training:
-            self.expert_load += counts.to(self.expert_load.dtype)
+            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_routed_experts).to(
+                self.expert_load.dtype)
             if self.alpha > 0:
+                seq_id = (torch.arange(B * T, device=x.device) if keep is None else keep) // T
                 aux = self.alpha * sequence_balance_loss(scores, indices, seq_id, B, self.topk)
-        if token_mask is not None:
+        if keep is not None:
             y = flat.new_zeros(B * T, D).index_copy_(0, keep, y)
         return y.view(B, T, D), aux
 
@@ -540,6 +612,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
                 if module.bias is not None:
                     module.bias.zero_()
+            elif isinstance(module, Experts):
+                for e in range(module.w1.shape[0]):  # drawn as the per-expert Linears would be, in order
+                    for w in (module.w1, module.w2, module.w3):
+                        nn.init.normal_(w[e], std=self.cfg.init_std)
             elif isinstance(module, MoE):
                 module.expert_load.zero_()
         cos, sin = rope_tables(self.cfg, self.rope_cos.device)
@@ -565,19 +641,25 @@ class Transformer(nn.Module):
                         torch.zeros(batch_size, max_len, self.cfg.qk_rope_head_dim, dtype=dtype, device=device))
                 for _ in self.layers]
 
-    def _positions_and_mask(self, B, T, start_pos, key_mask, device):
-        """Rope positions (B, T) and the attention mask (B, 1, T, S) or None for plain causal.
+    def _positions_and_mask(self, B, T, start_pos, key_mask, device, dtype):
+        """Rope positions (B, T) and the additive attention mask (B, 1, T, S), 0 where a query may
+        attend and -inf elsewhere, or None for plain causal. Additive once here rather than boolean:
+        SDPA would convert a boolean mask in every layer, and baddbmm adds it for free.
 
         key_mask (B, S = start_pos + T) marks real tokens; with left padding a row's positions count
         only its real tokens, so a padded prompt sees the same positions as an unpadded one.
         """
         S = start_pos + T
+
+        def additive(allowed):
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
         if key_mask is None:
             positions = torch.arange(start_pos, S, device=device).expand(B, T)
             if start_pos == 0:
                 return positions, None
             causal = torch.arange(T, device=device).unsqueeze(1) + start_pos >= torch.arange(S, device=device)
-            return positions, causal.expand(B, 1, T, S)
+            return positions, additive(causal.expand(B, 1, T, S))
         if key_mask.shape != (B, S):
             raise ValueError(f"key_mask must have shape {(B, S)}, got {tuple(key_mask.shape)}")
         key_mask = key_mask.bool()
@@ -586,7 +668,7 @@ class Transformer(nn.Module):
         k_idx = torch.arange(S, device=device)                              # (S,)
         mask = (k_idx <= q_idx) & key_mask[:, None, :]                      # (B, T, S)
         mask = mask | (k_idx == q_idx)  # a padding query sees itself, so no row is empty (no NaN)
-        return positions, mask.unsqueeze(1)
+        return positions, additive(mask.unsqueeze(1))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 key_mask: torch.Tensor | None = None, cache: list[KVCache] | None = None,
@@ -600,9 +682,12 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        positions, mask = self._positions_and_mask(B, T, start_pos, key_mask, tokens.device)
+        positions, mask = self._positions_and_mask(B, T, start_pos, key_mask, tokens.device,
+                                                   self.embed.weight.dtype)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]      # (B, T, d_R/2)
         token_mask = None if key_mask is None else key_mask[:, start_pos:].bool()
+        if token_mask is not None and bool(token_mask.all()):  # e.g. a decode step: nothing to filter out
+            token_mask = None
         h = self.embed(tokens)
         balance = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
@@ -657,7 +742,7 @@ def count_parameters(model: Transformer) -> dict[str, int]:
     mtp = numel(model.mtp)
     total = numel(model) - mtp
     main_moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
-    idle = sum(sum(p.numel() for p in moe.experts[0].parameters()) * (cfg.n_routed_experts - cfg.n_activated_experts)
+    idle = sum(numel(moe.experts) // cfg.n_routed_experts * (cfg.n_routed_experts - cfg.n_activated_experts)
                for moe in main_moe)
     return {"total": total, "active": total - idle, "mtp": mtp,
             "embedding": model.embed.weight.numel()}
@@ -705,8 +790,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int,
              stop_ids: tuple[int, ...] = (), temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, generator: torch.Generator | None = None,
-             attn_impl: str = "absorbed") -> Generation:
-    """Batched sampling: left-pad the prompts, prefill once, then decode with the latent cache."""
+             attn_impl: str = "absorbed", sync_stop: bool = False) -> Generation:
+    """Batched sampling: left-pad the prompts, prefill each distinct prompt once, decode with the latent cache.
+
+    Rows with the same prompt share its prefill (the same logits as prefilling each row), so G samples
+    of one prompt cost one prompt forward; sampling draws from the generator in row order either way.
+    sync_stop: under torchrun with FSDP-sharded weights gathered block by block, stop when every
+    rank's rows are done (see parallel.rollout_mode).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs a token")
     if max_new_tokens < 1:
@@ -718,6 +809,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for b, p in enumerate(prompts):
         prompt_tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
         prompt_mask[b, P - len(p):] = True
+    # GRPO asks for G completions of each prompt: prefill each distinct (prompt, padding) row once.
+    distinct, rows = torch.unique(torch.cat([prompt_tokens, prompt_mask.long()], dim=1), dim=0,
+                                  return_inverse=True)                               # (D, 2P), (B,)
+    shared = len(distinct) < B
     cache = model.new_cache(B, P + max_new_tokens)
     key_mask = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -728,7 +823,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     was_training = model.training
     model.eval()
     try:
-        logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
+        if shared:
+            prefill = model.new_cache(len(distinct), P)
+            logits = model(distinct[:, :P], key_mask=distinct[:, P:].bool(), cache=prefill,
+                           attn_impl=attn_impl).logits[:, -1][rows]                  # (B, V)
+            for c, d in zip(cache, prefill):  # each completion decodes on its own copy of its prompt's rows
+                c.kv[:, :P], c.pe[:, :P] = d.kv[rows], d.pe[rows]
+        else:
+            logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
         for t in range(max_new_tokens):
             ids, lp = sample_token(logits, temperature, top_p, top_k, generator)
             live = ~done
@@ -736,7 +838,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logprobs[:, t] = torch.where(live, lp, 0.0)
             mask[:, t] = live
             done = done | (live & torch.isin(ids, stop))
-            if bool(done.all()) or t == max_new_tokens - 1:
+            finished = done.all()
+            if sync_stop:  # sharded weights: every rank joins every forward until all ranks are done
+                finished = finished.int()
+                torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+            if bool(finished) or t == max_new_tokens - 1:
                 break
             logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
                            start_pos=P + t, attn_impl=attn_impl).logits[:, -1]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from hf import (BOS_TOKEN, DEEPSEEK_V3_SPLITS, FREE_FIELDS, INDEX, R1_CHAT_TEMPLATE, CheckpointError,
                 config_from_hf, config_to_hf, dequantize_fp8, format_r1_chat, hf_name,
-                load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint)
+                load_hf_checkpoint, load_hf_tokenizer, per_expert, save_hf_checkpoint)
 from model import ModelConfig, Transformer, get_config
 
 
@@ -56,6 +56,12 @@ def rewrite(path, tensors, config=None):
                                                                          for k in tensors}}))
     if config is not None:
         (path / "config.json").write_text(json.dumps(config))
+
+
+def by_hf_name(model):
+    """The model's tensors under their checkpoint names, a stacked expert weight as one per expert."""
+    return {hf_name(sub, model.cfg.n_layers): t if e is None else t[e]
+            for name, t in model.state_dict().items() for sub, e in per_expert(name, t)}
 
 
 def micro(seed=0, **overrides):
@@ -155,11 +161,18 @@ def test_tensor_names_follow_the_released_checkpoint():
     assert hf_name("mtp.0.norm.weight", 61) == "model.layers.61.shared_head.norm.weight"
     assert hf_name("mtp.0.block.ffn.shared_experts.w2.weight", 61) == \
         "model.layers.61.mlp.shared_experts.down_proj.weight"
+    # model.py stacks the routed experts; the checkpoint has one tensor per expert and projection.
+    assert per_expert("layers.3.ffn.experts.w1", torch.empty(256, 4, 2))[255] == (
+        "layers.3.ffn.experts.255.w1.weight", 255)
+    assert per_expert("layers.3.ffn.shared_experts.w1.weight", torch.empty(4, 2)) == [
+        ("layers.3.ffn.shared_experts.w1.weight", None)]
     cfg = get_config("tiny", mtp_depth=2)
     with torch.device("meta"):
-        names = [hf_name(n, cfg.n_layers) for n in Transformer(cfg).state_dict()]
+        names = [hf_name(sub, cfg.n_layers) for n, t in Transformer(cfg).state_dict().items()
+                 for sub, _ in per_expert(n, t)]
     assert len(set(names)) == len(names)
     assert "model.layers.5.enorm.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
+    assert "model.layers.5.mlp.experts.7.up_proj.weight" in names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +308,8 @@ def test_fp8_checkpoint_dequantises_on_load(tmp_path):
     assert any(t.shape[0] > 128 and t.shape[0] % 128 for k, t in reference.items())
 
     loaded = load_hf_checkpoint(tmp_path)
-    by_hf = {hf_name(n, model.cfg.n_layers): p for n, p in loaded.state_dict().items()}
+    by_hf = by_hf_name(loaded)
+    assert any(".experts." in key for key in reference)
     for key, expected in reference.items():
         assert torch.equal(by_hf[key], expected), key
     assert torch.equal(by_hf["lm_head.weight"], model.head.weight)
@@ -344,11 +358,13 @@ def test_a_dtensor_parameter_receives_its_shard(tmp_path):
         pytest.skip(f"no single-process gloo group here: {e}")
     try:
         target = micro(seed=5)
-        linear = target.layers[0].attn.wq_b
-        linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), init_device_mesh("cpu", (1,)),
-                                                             [Shard(0)]))
+        mesh = init_device_mesh("cpu", (1,))
+        linear, experts = target.layers[0].attn.wq_b, target.layers[1].ffn.experts
+        linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Shard(0)]))
+        experts.w2 = torch.nn.Parameter(distribute_tensor(experts.w2.detach(), mesh, [Shard(0)]))  # FSDP2's layout
         load_hf_checkpoint(tmp_path, model=target)
         assert torch.equal(linear.weight.full_tensor(), model.layers[0].attn.wq_b.weight)
+        assert torch.equal(experts.w2.full_tensor(), model.layers[1].ffn.experts.w2)
     finally:
         dist.destroy_process_group()
 

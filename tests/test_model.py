@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (MoE, ModelConfig, Transformer, count_parameters, dense_config, generate,
                    get_config, sample_token, sequence_balance_loss, yarn_frequencies)
@@ -239,14 +240,55 @@ def test_group_limited_routing_picks_the_groups_with_the_best_top2_sum():
     assert set(indices[0].tolist()) == {7, 2} or set(indices[0].tolist()) == {7, 3}
 
 
+def expert(experts, e, x):
+    """Routed expert e on its own, as the official per-expert module computes it."""
+    return F.linear(F.silu(F.linear(x, experts.w1[e])) * F.linear(x, experts.w3[e]), experts.w2[e])
+
+
 def test_vectorised_dispatch_equals_a_per_token_loop():
     cfg, moe, x = moe_and_input()
     y, _ = moe(x.view(4, 16, -1))
     weights, indices, _ = moe.gate(x)
     expected = torch.stack([
-        sum(w * moe.experts[e](x[t]) for w, e in zip(weights[t], indices[t].tolist())) + moe.shared_experts(x[t])
-        for t in range(x.shape[0])])
+        sum(w * expert(moe.experts, e, x[t]) for w, e in zip(weights[t], indices[t].tolist()))
+        + moe.shared_experts(x[t]) for t in range(x.shape[0])])
     assert torch.allclose(y.view(-1, cfg.dim), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_stacked_experts_equal_a_per_expert_loop_in_values_and_gradients(path):
+    cfg, moe, x = moe_and_input(n=24)
+    weights = torch.rand(24, 2)
+    indices = torch.stack([torch.randperm(4)[:2] for _ in range(24)])  # experts 4-7 receive no tokens
+    indices[0] = torch.tensor([3, 0])
+    params = [x, weights, moe.experts.w1, moe.experts.w2, moe.experts.w3]
+    for p in params:
+        p.requires_grad_(True)
+    y = getattr(moe.experts, path)(x, weights, indices)
+    expected = torch.zeros_like(x)
+    for e in range(cfg.n_routed_experts):
+        token, slot = (indices == e).nonzero(as_tuple=True)
+        if len(token):
+            expected = expected.index_add(0, token, weights[token, slot, None] * expert(moe.experts, e, x[token]))
+    assert torch.allclose(y, expected, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, params, g)
+    expected_grads = torch.autograd.grad(expected, params, g)
+    for name, a, b in zip(["x", "weights", "w1", "w2", "w3"], grads, expected_grads):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert all((grad[4:] == 0).all() for grad in grads[2:])  # idle experts get zero gradient
+
+
+def test_experts_run_dense_for_a_few_tokens_and_grouped_for_many():
+    cfg, moe, _ = moe_and_input()
+    calls = []
+    for path in ("dense", "grouped"):
+        setattr(moe.experts, path, lambda x, w, i, path=path: calls.append(path))
+    per_token = 6 * (cfg.n_routed_experts - cfg.n_activated_experts) * cfg.dim * cfg.moe_inter_dim
+    few = moe.experts.dense_max_wasted_flops // per_token
+    for n in (1, few, few + 1, 4096):
+        moe.experts(torch.zeros(n, cfg.dim), torch.zeros(n, 2), torch.zeros(n, 2, dtype=torch.long))
+    assert calls == ["dense", "dense", "grouped", "grouped"]
 
 
 def test_bias_update_lowers_an_overloaded_expert_and_raises_an_idle_one():
@@ -448,3 +490,25 @@ def test_a_batch_of_padding_only_routes_nothing():
     _, moe, x = moe_and_input()
     y, aux = moe(x.view(4, 16, -1), torch.zeros(4, 16, dtype=torch.bool))
     assert (y == 0).all() and aux == 0
+
+
+def test_repeated_prompts_are_prefilled_once_with_the_same_outputs():
+    model = micro().eval()
+    a, b = [5, 9, 13, 2, 7, 1, 30], [3, 4]
+    prompts = [a, b, a, a, b]
+    batch_sizes = []
+    hook = model.embed.register_forward_hook(lambda m, inp, out: batch_sizes.append(out.shape[0]))
+    greedy = generate(model, prompts, 10, pad_id=0, temperature=0)
+    hook.remove()
+    assert batch_sizes[0] == 2 and set(batch_sizes[1:]) == {5}  # prefill on the 2 distinct prompts only
+    for row, p in enumerate(prompts):
+        alone = generate(model, [p], 10, pad_id=0, temperature=0)
+        assert torch.equal(greedy.tokens[row], alone.tokens[0])
+        assert torch.allclose(greedy.logprobs[row], alone.logprobs[0], atol=1e-5)
+    g = generate(model, prompts, 12, pad_id=0, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(g.tokens[0], g.tokens[2])  # the copies sample independently
+    P = g.prompt_tokens.shape[1]
+    logits = model(torch.cat([g.prompt_tokens, g.tokens], dim=1),
+                   key_mask=torch.cat([g.prompt_mask, g.mask], dim=1)).logits[:, P - 1:-1] / 0.7
+    lp = logits.log_softmax(-1).gather(2, g.tokens.unsqueeze(2)).squeeze(2)
+    assert torch.allclose(lp * g.mask, g.logprobs, atol=1e-5)
