@@ -24,9 +24,7 @@ def student_config(run: Run):
 
 
 def new_student(run: Run, seed: int) -> Transformer:
-    import torch
-    torch.manual_seed(seed)
-    return Transformer(student_config(run)).to(run.device)
+    return run.new_model(student_config(run), seed=seed)
 
 
 def student_base(run: Run, data: Data, seed: int) -> Transformer:

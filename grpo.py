@@ -12,7 +12,8 @@ overlong masking and soft overlong penalty; mu inner updates over minibatches wi
 ratios; periodic reset of the reference to the policy (R1 resets it every 400 steps).
 Choices: the std is the sample std plus eps = 1e-4 (as TRL); log-probs are of softmax(logits / T),
 the policy the sampler draws from; MTP and the sequence balance loss are not used in RL, while the
-router biases keep balancing the load after every optimizer step.
+router biases keep balancing the load after every optimizer step; a question's G rows share one
+forward of its prompt, in sampling and in the log-prob forwards (the same values and gradients).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, generate
+import parallel
+from model import KVCache, Transformer, generate
 from rewards import RewardSpec, compute_rewards, overlong_penalty
 
 
@@ -149,12 +151,36 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
 
 def completion_logprobs(model: Transformer, prompt_tokens, prompt_mask, tokens, mask, temperature: float,
                         with_entropy: bool = False):
-    """log pi(o_t | q, o_<t) of each completion token under softmax(logits / T): (B, N) [, entropy (B, N)]."""
-    P = prompt_tokens.shape[1]
-    full = torch.cat([prompt_tokens, tokens], dim=1)                         # (B, P + N)
-    key_mask = torch.cat([prompt_mask, mask], dim=1)
-    logits = model(full, key_mask=key_mask).logits[:, P - 1:-1].float() / temperature  # (B, N, V)
-    logps = logits.log_softmax(dim=-1)
+    """log pi(o_t | q, o_<t) of each completion token under softmax(logits / T): (B, N) [, entropy (B, N)].
+
+    Rows with the same prompt (G per question in GRPO) run it once: its latent cache, indexed out to
+    each row, serves the completions, whose logits follow at start_pos = P. The values and gradients
+    are those of running each row whole (indexing is differentiable: each row's gradient flows back to
+    the one shared prompt forward), for about a G-th of the prompt's work. One difference: in training
+    mode the router load (`MoE.expert_load`) counts a shared prompt's tokens once, not G times; the
+    bias rule balances the tokens the experts actually compute, and a question's G copies are one input.
+    """
+    P, N = prompt_tokens.shape[1], tokens.shape[1]
+    distinct, rows = torch.unique(torch.cat([prompt_tokens, prompt_mask.long()], dim=1), dim=0,
+                                  return_inverse=True)                       # (D, 2P), (B,)
+    if len(distinct) == len(rows):  # nothing to share: one forward over prompt and completion
+        full = torch.cat([prompt_tokens, tokens], dim=1)                     # (B, P + N)
+        key_mask = torch.cat([prompt_mask, mask], dim=1)
+        logits = model(full, key_mask=key_mask).logits[:, P - 1:-1]          # (B, N, V)
+    else:
+        prompt_cache = model.new_cache(len(distinct), P)
+        logits = model(distinct[:, :P], key_mask=distinct[:, P:].bool(),
+                       cache=prompt_cache).logits[:, -1:][rows]              # predicts o_1: (B, 1, V)
+        if N > 1:  # o_N is only a target, never an input
+            cache = [KVCache(F.pad(c.kv[rows], (0, 0, 0, N - 1)), F.pad(c.pe[rows], (0, 0, 0, N - 1)))
+                     for c in prompt_cache]                                  # (B, P + N - 1, d)
+            key_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
+            # Absorbed attention: N - 1 queries against P + N - 1 cached latents, where expanding every
+            # latent to per-head keys and values (the naive path) costs more than it saves.
+            rest = model(tokens[:, :-1], key_mask=key_mask, cache=cache, start_pos=P,
+                         attn_impl="absorbed").logits                        # (B, N - 1, V)
+            logits = torch.cat([logits, rest], dim=1)                        # (B, N, V)
+    logps = (logits.float() / temperature).log_softmax(dim=-1)
     logp = logps.gather(2, tokens.unsqueeze(2)).squeeze(2)
     if not with_entropy:
         return logp
@@ -219,23 +245,33 @@ class GRPO:
 
     prompt_ids(problem) -> token ids of the prompt; decode(ids) -> completion text for the rewards;
     rewards: RewardSpec list from rewards.py (or any objects with name, fn(text, problem), weight).
+    Data parallel (under torchrun, with an FSDP2-sharded policy): each rank passes `step` its own
+    questions (the same number on every rank) and rolls them out; advantages stay within groups, so
+    only the loss normalisers, the batch std option and the metrics combine ranks.
+    make_reference() builds an empty model like the policy (FSDP modules cannot be deep-copied).
     """
 
     def __init__(self, policy: Transformer, cfg: GRPOConfig, rewards: Sequence[RewardSpec], *,
                  prompt_ids: Callable[[Any], list[int]], decode: Callable[[list[int]], str],
                  pad_id: int, stop_ids: Sequence[int], optimizer: torch.optim.Optimizer | None = None,
-                 seed: int = 0):
+                 seed: int = 0, make_reference: Callable[[], Transformer] | None = None, world_size: int = 1):
         self.policy, self.cfg, self.rewards = policy, cfg, list(rewards)
         self.prompt_ids, self.decode = prompt_ids, decode
         self.pad_id, self.stop_ids = pad_id, tuple(stop_ids)
+        self.world_size = world_size
         self.optimizer = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        self.ref = self._frozen_copy() if cfg.beta > 0 else None
+        self.ref = self._frozen_copy(make_reference) if cfg.beta > 0 else None
         self.generator = torch.Generator(device=policy.embed.weight.device).manual_seed(seed)
         self.step_count = 0
 
-    def _frozen_copy(self) -> Transformer:
-        ref = copy.deepcopy(self.policy).eval()
+    def _frozen_copy(self, make_reference=None) -> Transformer:
+        if make_reference is None:
+            ref = copy.deepcopy(self.policy)
+        else:
+            ref = make_reference()
+            ref.load_state_dict(self.policy.state_dict())
+        ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref
@@ -245,8 +281,10 @@ class GRPO:
         cfg, G = self.cfg, self.cfg.group_size
         expanded = [p for p in problems for _ in range(G)]
         prompts = [self.prompt_ids(p) for p in expanded]
-        gen = generate(self.policy, prompts, cfg.max_new_tokens, pad_id=self.pad_id, stop_ids=self.stop_ids,
-                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=self.generator)
+        with parallel.rollout_mode(self.policy) as sync_stop:
+            gen = generate(self.policy, prompts, cfg.max_new_tokens, pad_id=self.pad_id, stop_ids=self.stop_ids,
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           generator=self.generator, sync_stop=sync_stop)
         texts = []
         for row, n, stopped in zip(gen.tokens.tolist(), gen.lengths.tolist(), gen.stopped.tolist()):
             ids = row[:n - 1] if stopped else row[:n]   # the stop token is not part of the text
@@ -308,7 +346,8 @@ class GRPO:
             order = torch.randperm(N, generator=gen) if cfg.n_minibatches > 1 else torch.arange(N)
             for mb in order.chunk(cfg.n_minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
-                n_tokens = int(r.mask[mb].sum())
+                # the whole minibatch's tokens over all ranks; x W undoes FSDP's gradient average
+                n_tokens = int(parallel.all_reduce_sum(r.mask[mb].sum())) / self.world_size
                 micro = cfg.micro_batch_size or len(mb)
                 for idx in mb.split(micro):
                     logp, ent = completion_logprobs(policy, r.prompt_tokens[idx], r.prompt_mask[idx],
@@ -325,7 +364,7 @@ class GRPO:
                     sums["kl"] += st.kl * share
                     sums["clip_frac"] += st.clip_frac * share
                     sums["entropy"] += float((ent * m).sum() / m.sum().clamp(min=1)) * share
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+                sums["grad_norm"] += parallel.clip_grad_norm_(policy, cfg.max_grad_norm)
                 self.optimizer.step()
                 policy.update_router_biases()
                 n_updates += 1
@@ -337,25 +376,37 @@ class GRPO:
         t0 = time.perf_counter()
         r, info = self.collect(problems, refill)
         t1 = time.perf_counter()
-        adv = advantages(r.rewards, cfg.group_size, cfg.adv_scale, cfg.adv_eps)
+        if cfg.adv_scale == "batch" and self.world_size > 1:  # the std of the whole batch, all ranks
+            everyone = torch.tensor(parallel.all_gather_list(r.rewards.tolist()))
+            std = everyone.std() if len(everyone) > 1 else everyone.new_zeros(())
+            adv = advantages(r.rewards, cfg.group_size, "none") / (std + cfg.adv_eps)
+        else:
+            adv = advantages(r.rewards, cfg.group_size, cfg.adv_scale, cfg.adv_eps)
         upd = self.update(r, adv)
         t2 = time.perf_counter()
         self.step_count += 1
         if self.ref is not None and cfg.ref_reset_every and self.step_count % cfg.ref_reset_every == 0:
             self.ref.load_state_dict(self.policy.state_dict())
-        lengths = r.lengths.float()
+        # metrics of the whole batch: every rank's sequences (the identity in one process)
+        rewards = torch.tensor(parallel.all_gather_list(r.rewards.tolist()))
+        lengths = torch.tensor(parallel.all_gather_list(r.lengths.tolist()), dtype=torch.float32)
+        truncated = sum(parallel.all_gather_list((~r.stopped).tolist()))
+        components = {k: parallel.all_gather_list(v) for k, v in r.components.items()}
+        means = parallel.all_reduce_sum(torch.tensor([upd[k] for k in upd] + [info["zero_var_frac"]],
+                                                     dtype=torch.float64)) / self.world_size
+        upd = {k: float(v) for k, v in zip(upd, means)} | {"grad_norm": upd["grad_norm"]}
         metrics = {
             "step": self.step_count,
-            "reward": r.rewards.mean().item(), "reward_std": r.rewards.std().item(),
-            **{f"reward/{k}": sum(v) / len(v) for k, v in r.components.items()},
+            "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            **{f"reward/{k}": sum(v) / len(v) for k, v in components.items()},
             "len_mean": lengths.mean().item(), "len_max": lengths.max().item(),
-            "truncated_frac": (~r.stopped).float().mean().item(),
+            "truncated_frac": truncated / len(lengths),
             **{k: v for k, v in upd.items()},
-            "zero_var_frac": info["zero_var_frac"], "refills": info["refills"],
+            "zero_var_frac": float(means[-1]), "refills": info["refills"],
             "rollout_s": t1 - t0, "update_s": t2 - t1,
             "rollout_tokens": int(lengths.sum()), "update_tokens": int(lengths.sum()) * cfg.mu,
         }
         for name in ("accuracy", "format", "language"):
-            if name in r.components:
-                metrics[name] = sum(r.components[name]) / len(r.components[name])
+            if name in components:
+                metrics[name] = sum(components[name]) / len(components[name])
         return metrics

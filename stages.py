@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,9 +34,11 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+import parallel
 import tasks
 from grpo import GRPO, GRPOConfig
-from model import Transformer, generate
+from model import ModelConfig, Transformer, generate
+from parallel import Env
 from rewards import (RewardSpec, accuracy_reward, extract_answer, format_reward,
                      language_consistency_reward)
 from tokenizer import Tokenizer
@@ -100,6 +103,7 @@ class PipelineConfig:
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     ckpt_every: int = 25                # steps between in-stage checkpoints
+    activation_checkpointing: bool = False  # under torchrun: recompute each block in backward
 
 
 def _rl(steps, lr, **kw) -> RLStageConfig:
@@ -126,6 +130,12 @@ def pipeline_preset(size: str) -> PipelineConfig:
             r1_zero=_rl(2, 1e-3, **rl), reasoning_rl=_rl(2, 1e-3, language_weight=1.0, **rl),
             all_rl=_rl(2, 1e-3, language_weight=1.0, general_from=0.5, **rl), student_rl=_rl(2, 1e-3, **rl),
             student=dict(dim=32, n_layers=2), ckpt_every=1)
+    if size == "full":  # R1-Zero as the paper ran it; the model and tokenizer come from --init-from
+        zero = RLStageConfig(steps=10_400, grpo=GRPOConfig(
+            group_size=16, prompts_per_step=512, n_minibatches=16, mu=1, max_new_tokens=32_768,
+            temperature=1.0, lr=3e-6, beta=0.001, ref_reset_every=400))
+        return PipelineConfig(model="full", r1_zero=zero, max_new_tokens=32_768, n_test=100, eval_k=4,
+                              activation_checkpointing=True)
     raise ValueError(f"no pipeline preset for size {size!r}; the tiny and micro presets generate their "
                      "data; the full size needs --init-from a DeepSeek-V3-Base checkpoint and --data")
 
@@ -260,18 +270,30 @@ def reward_specs(language_weight: float = 0.0, general: bool = False) -> list[Re
 # The run context: tokenizer, metrics, checkpoints
 
 class Run:
-    """Owns the run directory: metrics JSONL per stage, atomic checkpoints, the tokenizer, device."""
+    """Owns the run directory: metrics JSONL per stage, atomic checkpoints, the tokenizer, and the
+    process's `parallel.Env` (device, rank, world size). Only rank 0 writes metrics and files;
+    under torchrun checkpoints are sharded DCP directories, otherwise single `.pt` files."""
 
-    def __init__(self, out: Path, cfg: PipelineConfig, seed: int, device: torch.device, progress: bool = True):
-        self.out, self.cfg, self.seed, self.device, self.progress = Path(out), cfg, seed, device, progress
+    def __init__(self, out: Path, cfg: PipelineConfig, seed: int, env: Env, progress: bool = True):
+        self.out, self.cfg, self.seed, self.env = Path(out), cfg, seed, env
+        self.device = env.device
+        self.progress = progress and env.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         self.tok: Tokenizer | None = None
+
+    # models -------------------------------------------------------------------------------------
+    def new_model(self, cfg: ModelConfig, seed: int | None = None) -> Transformer:
+        """A model on this run's device, sharded with FSDP2 under torchrun; `seed` fixes its weights."""
+        return parallel.build_model(cfg, self.env, seed=seed,
+                                    activation_checkpointing=self.cfg.activation_checkpointing)
 
     # metrics ------------------------------------------------------------------------------------
     def metrics_path(self, stage: str) -> Path:
         return self.out / "metrics" / f"{stage}.jsonl"
 
     def log(self, stage: str, row: dict):
+        if not self.env.is_main:
+            return
         path = self.metrics_path(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -280,7 +302,7 @@ class Run:
     def truncate_metrics(self, stage: str, upto_step: int):
         """On resume, forget metrics logged after the checkpoint we resume from."""
         path = self.metrics_path(stage)
-        if not path.exists():
+        if not self.env.is_main or not path.exists():
             return
         rows = []
         for line in path.read_text().splitlines():
@@ -295,16 +317,31 @@ class Run:
     def ckpt_path(self, stage: str, final: bool) -> Path:
         return self.out / "checkpoints" / (f"{stage}.pt" if final else f"{stage}.partial.pt")
 
+    def dcp_path(self, stage: str, final: bool) -> Path:
+        return self.out / "checkpoints" / (f"{stage}.dcp" if final else f"{stage}.partial.dcp")
+
+    def has_checkpoint(self, stage: str, final: bool) -> bool:
+        return self.ckpt_path(stage, final).exists() or parallel.read_meta(self.dcp_path(stage, final)) is not None
+
     def save(self, stage: str, model: Transformer, step: int, final: bool, optimizer=None, ref=None, extra=None):
-        state = {"model": model.state_dict(), "config": asdict(model.cfg), "step": step, "stage": stage,
-                 "optimizer": optimizer.state_dict() if optimizer is not None and not final else None,
-                 "ref": ref.state_dict() if ref is not None and not final else None,
-                 "rng": torch.get_rng_state(), "extra": extra or {}}
-        atomic_save(state, self.ckpt_path(stage, final))
-        if final and self.ckpt_path(stage, False).exists():
-            self.ckpt_path(stage, False).unlink()
+        optimizer, ref = (None, None) if final else (optimizer, ref)
+        if self.env.distributed:
+            meta = {"config": asdict(model.cfg), "step": step, "stage": stage, "extra": extra or {}}
+            parallel.save_sharded(self.dcp_path(stage, final), self.env, model, meta, optimizer, ref)
+        else:
+            state = {"model": model.state_dict(), "config": asdict(model.cfg), "step": step, "stage": stage,
+                     "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                     "ref": ref.state_dict() if ref is not None else None,
+                     "rng": torch.get_rng_state(), "extra": extra or {}}
+            atomic_save(state, self.ckpt_path(stage, final))
+        if final and self.env.is_main:  # the stage is done: its partial checkpoint (either format) goes
+            self.ckpt_path(stage, False).unlink(missing_ok=True)
+            if self.dcp_path(stage, False).exists():
+                shutil.rmtree(self.dcp_path(stage, False))
+        parallel.barrier(self.env)
 
     def load(self, stage: str, final: bool) -> dict | None:
+        """A `.pt` checkpoint as a dict (None if there is none)."""
         path = self.ckpt_path(stage, final)
         if not path.exists():
             return None
@@ -312,6 +349,35 @@ class Run:
             return torch.load(path, map_location=self.device, weights_only=False)
         except Exception as e:  # a checkpoint we wrote atomically should never be partial
             raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete it to redo the stage") from e
+
+    def checkpoint_config(self, stage: str, final: bool = True) -> ModelConfig | None:
+        meta = parallel.read_meta(self.dcp_path(stage, final))
+        if meta is not None:
+            return ModelConfig(**meta["config"])
+        ckpt = self.load(stage, final)
+        return None if ckpt is None else ModelConfig(**ckpt["config"])
+
+    def restore(self, stage: str, final: bool, model: Transformer, optimizer=None, ref=None) -> int | None:
+        """Load a checkpoint of either format into `model` (and optimizer, reference); returns its step.
+
+        A sharded checkpoint loads on any number of ranks (DCP reshards); a `.pt` one holds full
+        tensors, which load into a sharded model too, but its optimizer state only into one process.
+        """
+        path = self.dcp_path(stage, final)
+        if parallel.read_meta(path) is not None:
+            return parallel.load_sharded(path, model, optimizer, ref)["step"]
+        ckpt = self.load(stage, final)
+        if ckpt is None:
+            return None
+        parallel.copy_full_state(model, ckpt["model"])
+        if optimizer is not None and ckpt["optimizer"] is not None:
+            if self.env.distributed:
+                raise RuntimeError(f"{self.ckpt_path(stage, final)} was written by one process: resume "
+                                   "it without torchrun, or restart the stage")
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ref is not None and ckpt["ref"] is not None:
+            parallel.copy_full_state(ref, ckpt["ref"])
+        return ckpt["step"]
 
 
 def atomic_save(obj, path: Path):
@@ -363,18 +429,23 @@ def make_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, dev
 
 def train_sft(run: Run, stage: str, model: Transformer, examples: list[tuple[list[int], list[int]]],
               cfg: SFTConfig, desc: str | None = None) -> Transformer:
-    """Next-token training on (prompt, completion) pairs; an empty prompt trains on the whole text."""
+    """Next-token training on (prompt, completion) pairs; an empty prompt trains on the whole text.
+
+    Under torchrun every rank draws the same batch and trains on its slice (rows rank, rank + W, ...);
+    the loss is rescaled so that FSDP's gradient average equals the gradient of the whole batch's
+    token mean, the loss one process computes.
+    """
     if not examples:
         raise ValueError(f"stage {stage}: no training examples")
+    env = run.env
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"stage {stage}: batch_size {cfg.batch_size} is not divisible by {env.world_size} ranks")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start = 0
-    partial = run.load(stage, final=False)
-    if partial is not None:
-        model.load_state_dict(partial["model"])
-        opt.load_state_dict(partial["optimizer"])
-        start = partial["step"]
+    start = run.restore(stage, False, model, opt)
+    if start is not None:
         run.truncate_metrics(stage, start)
     else:
+        start = 0
         run.truncate_metrics(stage, 0)
     model.train()
     bar = tqdm(range(start, cfg.steps), desc=desc or stage, initial=start, total=cfg.steps,
@@ -382,17 +453,22 @@ def train_sft(run: Run, stage: str, model: Transformer, examples: list[tuple[lis
     for step in bar:
         rng = random.Random(seed_for(run.seed, stage, step))
         batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
-        tokens, targets, key_mask = make_batch(batch, run.tok.pad_id, run.device)
+        tokens, targets, key_mask = make_batch(batch[env.rank::env.world_size], run.tok.pad_id, run.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         out = model(tokens, targets, key_mask=key_mask)
+        # this rank's share of the batch's target tokens, times W to undo FSDP's average over ranks
+        n_local = (targets != -100).sum().float()
+        share = n_local * env.world_size / parallel.all_reduce_sum(n_local.clone()).clamp(min=1)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        (out.loss * share).backward()
+        grad_norm = parallel.clip_grad_norm_(model, cfg.max_grad_norm)
         opt.step()
         model.update_router_biases()
-        row = {"step": step + 1, "loss": out.loss.item(), "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(grad_norm), **{k: v.item() for k, v in out.parts.items()}}
+        parts = {"loss": out.loss, **out.parts}
+        logged = parallel.all_reduce_sum(torch.stack([v.detach().float() * share for v in parts.values()]))
+        row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+               **{k: v.item() / env.world_size for k, v in zip(parts, logged)}}
         run.log(stage, row)
         bar.set_postfix(loss=f"{row['ntp']:.3f}")
         if (step + 1) % run.cfg.ckpt_every == 0 and step + 1 < cfg.steps:
@@ -408,18 +484,18 @@ def train_rl(run: Run, stage: str, model: Transformer, problems: list[Problem], 
     """GRPO for cfg.steps steps; general prompts (if any) join after general_from of the stage."""
     tok = run.tok
     specs = reward_specs(cfg.language_weight, general=bool(general))
+    env = run.env
+    if cfg.grpo.prompts_per_step % env.world_size:
+        raise ValueError(f"stage {stage}: prompts_per_step {cfg.grpo.prompts_per_step} is not divisible "
+                         f"by {env.world_size} ranks")
     grpo = GRPO(model, cfg.grpo, specs, prompt_ids=lambda p: tok.encode(prompt_text(p), bos=True),
-                decode=tok.decode, pad_id=tok.pad_id, stop_ids=(tok.eos_id,))
-    start = 0
-    partial = run.load(stage, final=False)
-    if partial is not None:
-        model.load_state_dict(partial["model"])
-        grpo.optimizer.load_state_dict(partial["optimizer"])
-        if grpo.ref is not None and partial["ref"] is not None:
-            grpo.ref.load_state_dict(partial["ref"])
-        start = partial["step"]
+                decode=tok.decode, pad_id=tok.pad_id, stop_ids=(tok.eos_id,),
+                make_reference=lambda: run.new_model(model.cfg), world_size=env.world_size)
+    start = run.restore(stage, False, model, grpo.optimizer, grpo.ref)
+    if start is not None:
         run.truncate_metrics(stage, start)
     else:
+        start = 0
         run.truncate_metrics(stage, 0)
     grpo.step_count = start
     n = cfg.grpo.prompts_per_step
@@ -430,8 +506,11 @@ def train_rl(run: Run, stage: str, model: Transformer, problems: list[Problem], 
         n_general = int(round(n * cfg.general_share)) if general and step >= cfg.general_from * cfg.steps else 0
         batch = [problems[rng.randrange(len(problems))] for _ in range(n - n_general)]
         batch += [general[rng.randrange(len(general))] for _ in range(n_general)]
-        grpo.generator.manual_seed(seed_for(run.seed, stage, step, "sample"))
-        metrics = grpo.step(batch, refill=lambda k: [problems[rng.randrange(len(problems))] for _ in range(k)])
+        # each rank rolls out its slice of the questions with its own sampling noise
+        key = (stage, step, "sample") if env.world_size == 1 else (stage, step, "sample", env.rank)
+        grpo.generator.manual_seed(seed_for(run.seed, *key))
+        metrics = grpo.step(batch[env.rank::env.world_size],
+                            refill=lambda k: [problems[rng.randrange(len(problems))] for _ in range(k)])
         run.log(stage, metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('accuracy', 0):.2f}")
         if (step + 1) % run.cfg.ckpt_every == 0 and step + 1 < cfg.steps:
@@ -445,17 +524,33 @@ def train_rl(run: Run, stage: str, model: Transformer, problems: list[Problem], 
 @torch.no_grad()
 def sample(run: Run, model: Transformer, problems: Sequence[Problem], k: int, temperature: float,
            top_p: float, key: str, max_new_tokens: int | None = None, batch_size: int = 128) -> list[list[str]]:
-    """k completions per problem (texts without the stop token), in batches, seeded by `key`."""
-    tok = run.tok
+    """k completions per problem (texts without the stop token), in batches, seeded by `key`.
+
+    Under torchrun rank r samples batches r, r + W, ... with the same seeds one process would use,
+    and every rank receives all texts: the result does not depend on the number of ranks.
+    """
+    tok, env = run.tok, run.env
     max_new = max_new_tokens or run.cfg.max_new_tokens
     prompts = [tok.encode(prompt_text(p), bos=True) for p in problems for _ in range(k)]
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator(device=run.device).manual_seed(seed_for(run.seed, key, i))
-        g = generate(model, prompts[i:i + batch_size], max_new, pad_id=tok.pad_id, stop_ids=(tok.eos_id,),
-                     temperature=temperature, top_p=top_p, generator=gen)
-        for row, n, stopped in zip(g.tokens.tolist(), g.lengths.tolist(), g.stopped.tolist()):
-            texts.append(tok.decode(row[:n - 1] if stopped else row[:n]))
+    starts = list(range(0, len(prompts), batch_size))
+    mine = []
+    with parallel.rollout_mode(model) as sync_stop:
+        rounds = -(-len(starts) // env.world_size)
+        for j in range(env.rank, rounds * env.world_size, env.world_size):
+            if j >= len(starts) and not sync_stop:
+                break
+            # with weights gathered block by block every rank joins every forward: a rank without a
+            # batch in the last round samples a throwaway one
+            i = starts[min(j, len(starts) - 1)]
+            gen = torch.Generator(device=run.device).manual_seed(seed_for(run.seed, key, i))
+            g = generate(model, prompts[i:i + batch_size], max_new, pad_id=tok.pad_id, stop_ids=(tok.eos_id,),
+                         temperature=temperature, top_p=top_p, generator=gen, sync_stop=sync_stop)
+            if j < len(starts):
+                mine.append([tok.decode(row[:n - 1] if stopped else row[:n]) for row, n, stopped
+                             in zip(g.tokens.tolist(), g.lengths.tolist(), g.stopped.tolist())])
+    batches = parallel.all_gather_list([mine])                 # one list of batches per rank
+    ordered = [batches[j % env.world_size][j // env.world_size] for j in range(len(starts))]
+    texts = [t for batch in ordered for t in batch]
     return [texts[i * k:(i + 1) * k] for i in range(len(problems))]
 
 
@@ -515,6 +610,22 @@ class Data:
     test: list[Problem]
     general: list[Problem]
     corpus: list[str]
+
+
+def load_data(train_path, eval_path, n_test: int) -> Data:
+    """Problems from the user's JSONL files (tasks.load_jsonl): --data, and --eval-data or else the
+    last n_test problems of --data held out."""
+    train = list(tasks.load_jsonl(train_path))
+    if eval_path:
+        test = list(tasks.load_jsonl(eval_path))
+    else:
+        n = n_test
+        if len(train) <= n:
+            raise ValueError(f"{train_path}: {len(train)} problems leave none to train on after holding out {n}")
+        train, test = train[:-n], train[-n:]
+    if not train:
+        raise ValueError(f"{train_path}: no problems")
+    return Data(train, test, [], [])
 
 
 def make_data(cfg: PipelineConfig, seed: int) -> Data:

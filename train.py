@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 import distill
+import hf
+import parallel
 import stages
 from model import ModelConfig, Transformer, get_config
 from stages import Data, PipelineConfig, Run
@@ -31,6 +33,7 @@ TITLES = {"base": "base (stage 0)", "r1_zero": "R1-Zero", "r1_stage1": "R1 stage
           "r1_stage4": "R1 stage 4 (all-scenario RL)", "student_base": "student base",
           "student_distill": "student, distilled", "student_rl": "student, RL only"}
 RL_STAGES = ["r1_zero", "r1_stage2", "r1_stage4", "student_rl"]
+FULL_STAGES = ["base", "r1_zero"]   # --size full: V3-Base from --init-from, then R1-Zero on --data
 
 
 # -------------------------------------------------------------------------------------------------
@@ -83,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a run in --out from its checkpoints")
     p.add_argument("--seed", type=int, default=0, help="fixes data, initialisation and sampling")
     p.add_argument("--init-from", default=None, help="a checkpoint (.pt) to use as the base model, or "
-                   "with --ask the model to ask")
+                   "with --ask the model to ask; with --size full a Hugging Face checkpoint directory")
+    p.add_argument("--data", default=None, help="--size full: JSONL of training problems (question, answer)")
+    p.add_argument("--eval-data", default=None, help="--size full: JSONL of held-out problems "
+                   "(default: the last n_test problems of --data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline setting, e.g. --set r1_zero.steps=40 --set r1_zero.grpo.lr=1e-3")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -91,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ask", default=None, metavar="QUESTION", help="answer a question with --init-from's model")
     p.add_argument("--max-new-tokens", type=int, default=None, help="with --ask: the answer's budget")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("memory plan (--dry-run: print per-GPU memory for --size and exit)")
+    d.add_argument("--dry-run", action="store_true", help="print the FSDP memory plan, train nothing")
+    d.add_argument("--gpus", type=int, default=0, help="world size to plan for (0 = the smallest that fits)")
+    d.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    d.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    d.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
+    d.add_argument("--rollout-seqs", type=int, default=512, help="sequences per rollout, all GPUs (R1-Zero: 32 x 16)")
+    d.add_argument("--rollout-len", type=int, default=32768, help="prompt + completion tokens per rollout sequence")
+    d.add_argument("--no-activation-checkpointing", action="store_true", help="plan without recomputation")
     return p
 
 
@@ -111,12 +126,27 @@ def parse_args(argv=None):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    for name in ("gpus", "micro_batch", "seq_len", "rollout_seqs", "rollout_len"):
+        if getattr(args, name) < (0 if name == "gpus" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'gpus' else '>= 1'}")
+    if not args.gpu_mem > 0:
+        parser.error("--gpu-mem must be > 0")
+    if args.dry_run:
+        return args, None
     if args.ask is None and args.size == "full":
-        if not args.init_from:
-            parser.error("--size full starts from a DeepSeek-V3-Base checkpoint: pass --init-from; "
-                         "see README (the full-size pipeline also needs a GPU cluster)")
-        parser.error("--size full: the full-size pipeline runs with torchrun on a GPU cluster "
-                     "(the scale-out issue); this command runs micro and tiny")
+        if not args.init_from or not (Path(args.init_from) / "config.json").exists():
+            parser.error("--size full starts from a DeepSeek-V3-Base checkpoint: pass --init-from DIR "
+                         "(a Hugging Face checkpoint directory with config.json and tokenizer.json)")
+        if not args.data:
+            parser.error("--size full trains on your problems: pass --data FILE.jsonl")
+        if args.stage not in FULL_STAGES + ["all", "report"]:
+            parser.error(f"--size full runs {' and '.join(FULL_STAGES)} (the checkpoint, evaluated, and "
+                         f"R1-Zero); stage {args.stage} needs cold-start and SFT data this project does not have")
+    for path in (args.data, args.eval_data):
+        if path and not Path(path).is_file():
+            parser.error(f"{path}: no such file")
+    if (args.data or args.eval_data) and args.size != "full":
+        parser.error("--data and --eval-data are for --size full; micro and tiny generate their problems")
     cfg = stages.pipeline_preset(args.size) if args.ask is None else None
     for item in args.set:
         key, eq, value = item.partition("=")
@@ -149,52 +179,64 @@ def load_model(ckpt: dict, device) -> Transformer:
 
 
 class Pipeline:
-    def __init__(self, args, cfg: PipelineConfig):
-        self.args, self.cfg = args, cfg
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.run = Run(args.out, cfg, args.seed, device, progress=not args.quiet)
+    def __init__(self, args, cfg: PipelineConfig, env: parallel.Env):
+        self.args, self.cfg, self.env = args, cfg, env
+        self.run = Run(args.out, cfg, args.seed, env, progress=not args.quiet)
         self.timings_path = args.out / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
-        self.data: Data = stages.make_data(cfg, args.seed)
+        self.full = args.size == "full"
+        self.stages = FULL_STAGES if self.full else MODEL_STAGES
+        self.data: Data = (stages.load_data(args.data, args.eval_data, cfg.n_test) if self.full
+                           else stages.make_data(cfg, args.seed))
 
     def say(self, text: str):
-        if not self.args.quiet:
+        if not self.args.quiet and self.env.is_main:
             print(text, flush=True)
 
     def setup_tokenizer(self):
+        if self.full:  # the released tokenizer, as the checkpoint was trained with it
+            self.run.tok = hf.HFTokenizer(Path(self.args.init_from) / "tokenizer.json")
+            return
         path = self.args.out / "tokenizer.json"
-        if path.exists():
-            self.run.tok = Tokenizer.load(path)
-        else:
-            self.run.tok = Tokenizer.train(stages.tokenizer_texts(self.data), self.cfg.vocab_size)
-            self.run.tok.save(path)
-        atomic_json(self.args.out / "config.json", {"seed": self.args.seed, "size": self.args.size,
-                                                     "pipeline": dataclasses.asdict(self.cfg)})
+        if self.env.is_main and not path.exists():
+            Tokenizer.train(stages.tokenizer_texts(self.data), self.cfg.vocab_size).save(path)
+        if self.env.is_main:
+            atomic_json(self.args.out / "config.json", {"seed": self.args.seed, "size": self.args.size,
+                                                         "world_size": self.env.world_size,
+                                                         "pipeline": dataclasses.asdict(self.cfg)})
+        parallel.barrier(self.env)  # the other ranks read what rank 0 trained
+        self.run.tok = Tokenizer.load(path)
 
     def model_config(self) -> ModelConfig:
         return get_config(self.cfg.model, **{**self.cfg.model_overrides, "vocab_size": self.run.tok.vocab_size})
 
     def done(self, stage: str) -> bool:
-        return self.run.ckpt_path(stage, final=True).exists()
+        return self.run.has_checkpoint(stage, final=True)
 
     def get(self, stage: str) -> Transformer:
-        ckpt = self.run.load(stage, final=True)
-        if ckpt is None:
+        cfg = self.run.checkpoint_config(stage)
+        if cfg is None:
             raise SystemExit(f"stage {stage!r} has no checkpoint in {self.args.out}; run it first "
                              f"(--stage {stage} or --stage all)")
-        return load_model(ckpt, self.run.device)
+        model = self.run.new_model(cfg)
+        self.run.restore(stage, True, model)
+        return model
 
     def new_model(self, seed_key: str) -> Transformer:
-        torch.manual_seed(stages.seed_for(self.args.seed, seed_key))
-        return Transformer(self.model_config()).to(self.run.device)
+        return self.run.new_model(self.model_config(), seed=stages.seed_for(self.args.seed, seed_key))
 
     def build(self, stage: str) -> Transformer:
         """Train one stage from its inputs (resuming a partial checkpoint if there is one)."""
         run, data, cfg = self.run, self.data, self.cfg
         if stage == "base":
+            if self.full:  # meta device -> shards -> each rank reads its slices of each tensor
+                model = run.new_model(hf.config_from_hf(json.loads((Path(self.args.init_from) / "config.json").read_text())))
+                return parallel.load_hf_sharded(model, self.args.init_from, self.env)
             if self.args.init_from:
-                return load_model(torch.load(self.args.init_from, map_location=run.device, weights_only=False),
-                                  run.device)
+                ckpt = torch.load(self.args.init_from, map_location="cpu", weights_only=False)
+                model = run.new_model(ModelConfig(**ckpt["config"]))
+                parallel.copy_full_state(model, ckpt["model"])
+                return model
             return stages.stage_base(run, self.new_model("init/base"), data, cfg.pretrain)
         if stage == "r1_zero":
             return stages.train_rl(run, "r1_zero", self.get("base"), data.train, cfg.r1_zero, desc="R1-Zero")
@@ -225,7 +267,8 @@ class Pipeline:
             model = self.build(stage)
             self.run.save(stage, model, step=-1, final=True)
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
-            atomic_json(self.timings_path, self.timings)
+            if self.env.is_main:
+                atomic_json(self.timings_path, self.timings)
         self.evaluate(stage)
 
     def evaluate(self, stage: str):
@@ -234,7 +277,9 @@ class Pipeline:
             return json.loads(path.read_text())
         model = self.get(stage).eval()
         result = stages.evaluate(self.run, model, self.data.test, f"eval/{stage}")
-        atomic_json(path, result)
+        if self.env.is_main:
+            atomic_json(path, result)
+        parallel.barrier(self.env)
         self.say(f"[{stage}] pass@1 {result['pass@1']:.3f}  cons@{self.cfg.eval_k} "
                  f"{result[f'cons@{self.cfg.eval_k}']:.3f}  format {result['format']:.3f}  "
                  f"language {result['language']:.3f}  length {result['length']:.1f}")
@@ -247,10 +292,10 @@ class Pipeline:
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
         t0 = time.perf_counter()
         self.setup_tokenizer()
-        todo = MODEL_STAGES if self.args.stage == "all" else [] if self.args.stage == "report" else [self.args.stage]
+        todo = self.stages if self.args.stage == "all" else [] if self.args.stage == "report" else [self.args.stage]
         for stage in todo:
             self.run_stage(stage)
-        if self.args.stage in ("all", "report"):
+        if self.args.stage in ("all", "report") and self.env.is_main:
             write_report(out, self.cfg, self.data, self.timings)
             self.say(f"results: {out / 'results.md'}  (this invocation: {time.perf_counter() - t0:.0f} s)")
 
@@ -363,13 +408,34 @@ def ask(args):
     print(tok.decode(g.tokens[0, :n - 1 if g.stopped[0] else n].tolist()).strip())
 
 
+def dry_run(args) -> str:
+    """The memory plan of FSDP2 training for --size: for --gpus, or the smallest world that fits."""
+    cfg = get_config(args.size)
+    kw = dict(micro_batch=args.micro_batch, seq_len=args.seq_len, rollout_seqs=args.rollout_seqs,
+              rollout_len=args.rollout_len, activation_checkpointing=not args.no_activation_checkpointing)
+    if args.gpus:
+        plan = parallel.memory_plan(cfg, args.size, args.gpus, args.gpu_mem, **kw)
+    else:
+        plan = parallel.smallest_world(cfg, args.size, args.gpu_mem, per_node=1 if args.size != "full" else 8, **kw)
+        if plan is None:
+            return f"{args.size}: no world size up to 16,384 GPUs of {args.gpu_mem:g} GiB fits this plan"
+    return plan.table()
+
+
 def main(argv=None):
     args, cfg = parse_args(argv)
+    if args.dry_run:
+        print(dry_run(args))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ask is not None:
         return ask(args)
-    Pipeline(args, cfg).main()
+    env = parallel.setup(args.device)
+    try:
+        Pipeline(args, cfg, env).main()
+    finally:
+        parallel.teardown(env)
 
 
 if __name__ == "__main__":

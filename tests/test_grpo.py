@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from grpo import GRPO, GRPOConfig, advantages, grpo_loss, k3_kl
-from model import Transformer, get_config
+from grpo import GRPO, GRPOConfig, advantages, completion_logprobs, grpo_loss, k3_kl
+from model import Transformer, generate, get_config
 from rewards import RewardSpec
 
 
@@ -197,3 +197,45 @@ def test_reference_reset_copies_the_policy():
     trainer.step(make_problems(torch.Generator().manual_seed(4), 16))
     for p, q in zip(trainer.policy.parameters(), trainer.ref.parameters()):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probs of completions that share a prompt
+
+def test_shared_prompt_logprobs_equal_unshared():
+    torch.manual_seed(0)
+    model = Transformer(get_config("micro"))
+    for moe in model.moe_layers():  # a non-trivial routing, as after some balancing
+        moe.gate.bias.normal_(0, 0.5)
+    a, b, c = [5, 9, 13, 2, 7, 1, 30], [3, 4], [60, 61, 62]
+    prompts = [a, b, a, c, b, a, b]  # duplicates of different lengths, interleaved, one prompt alone
+    g = generate(model, prompts, 9, pad_id=0, stop_ids=(7, 11), temperature=1.5,
+                 generator=torch.Generator().manual_seed(1))
+    assert (~g.mask).any() and g.mask[:, 0].all()  # some rows stopped early: padded completions too
+    model.train()
+    weights = torch.randn(g.tokens.shape)
+
+    def logp_and_grads(shared):
+        model.zero_grad()
+        if shared:
+            logp, ent = completion_logprobs(model, g.prompt_tokens, g.prompt_mask, g.tokens, g.mask, 0.7,
+                                            with_entropy=True)
+        else:  # the definition: every row's prompt and completion in one forward
+            P = g.prompt_tokens.shape[1]
+            logits = model(torch.cat([g.prompt_tokens, g.tokens], 1),
+                           key_mask=torch.cat([g.prompt_mask, g.mask], 1)).logits[:, P - 1:-1] / 0.7
+            logps = logits.log_softmax(-1)
+            logp, ent = logps.gather(2, g.tokens.unsqueeze(2)).squeeze(2), -(logps.exp() * logps).sum(-1)
+        (logp * weights * g.mask).sum().backward()
+        return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logp, ent, grads = logp_and_grads(shared=True)
+    logp_ref, ent_ref, grads_ref = logp_and_grads(shared=False)
+    m = g.mask
+    assert torch.allclose(logp[m], logp_ref[m], atol=1e-6) and torch.allclose(ent[m], ent_ref[m], atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ref[name], atol=1e-6, rtol=1e-4), name
+    with torch.no_grad():  # the reference and pi_old forwards
+        assert torch.allclose(completion_logprobs(model, g.prompt_tokens, g.prompt_mask, g.tokens, g.mask, 0.7)[m],
+                              logp_ref[m], atol=1e-6)
