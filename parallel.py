@@ -15,9 +15,9 @@
   global shapes, so a run saved on N ranks resumes on M.
 - `memory_plan`: per-GPU memory of parameters, gradients, optimizer states, gathered blocks,
   activations and the rollout KV cache, for `train.py --dry-run`.
-Experts under FSDP: a routed expert's weights are ordinary parameters of its MoE block, so FSDP
-shards them across all ranks like every other weight and all-gathers the whole MoE layer (256
-experts) when the block runs. Expert parallelism (not built here) would instead keep each rank's
+Experts under FSDP: a layer's routed experts are stacked (256, ., .) parameters of its MoE block,
+so FSDP splits them along the expert dimension (whole experts per rank while there are at most
+256 ranks, their widest dimension beyond) and all-gathers the whole MoE layer when the block runs. Expert parallelism (not built here) would instead keep each rank's
 experts resident and move tokens to them with all-to-all: weight traffic becomes activation traffic.
 """
 
@@ -93,7 +93,12 @@ def is_sharded(model: nn.Module) -> bool:
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place when distributed); the identity in one process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
+        if dist.get_backend() == "nccl" and x.device.type != "cuda":  # NCCL reduces GPU tensors only
+            y = x.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(y)
+            x.copy_(y)
+        else:
+            dist.all_reduce(x)
     return x
 
 
@@ -120,7 +125,11 @@ def parallelize(model: Transformer, env: Env, *, param_dtype: torch.dtype | None
     final norm, MTP projections). param_dtype (default env.dtype) is what blocks compute in; the
     sharded master weights, gradient reductions and optimizer states stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
     param_dtype = param_dtype or env.dtype
+
+    def placement(param: nn.Parameter):
+        return Shard(shard_dim(tuple(param.shape), env.world_size))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
                               cast_forward_inputs=False)  # rope tables and router stay fp32
     if activation_checkpointing:
@@ -128,9 +137,18 @@ def parallelize(model: Transformer, env: Env, *, param_dtype: torch.dtype | None
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     for block in blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, shard_placement_fn=placement)
+    fully_shard(model, mp_policy=mp, shard_placement_fn=placement)
     return model
+
+
+def shard_dim(shape: tuple[int, ...], world_size: int) -> int:
+    """The dimension FSDP splits a parameter along: the first, unless it has fewer entries than
+    there are ranks (the stacked experts' 256 on 440 GPUs, the router's 256 rows), then the widest,
+    so that every rank holds an equal share and the memory plan's 1/W holds."""
+    if shape[0] >= world_size:
+        return 0
+    return max(range(len(shape)), key=lambda d: shape[d])
 
 
 def build_model(cfg: ModelConfig, env: Env, *, seed: int | None = None, sharded: bool | None = None,

@@ -138,6 +138,13 @@ def test_dry_run_full_matches_hand_calculation():
     assert not parallel.memory_plan(cfg, "full", smallest.world_size - 8, 80).fits
 
 
+def test_parameters_with_fewer_rows_than_ranks_split_along_their_widest_dimension():
+    assert parallel.shard_dim((256, 2048, 7168), 64) == 0       # whole experts per rank
+    assert parallel.shard_dim((256, 2048, 7168), 440) == 2      # 256 experts over 440 ranks
+    assert parallel.shard_dim((256, 7168), 512) == 1            # the router
+    assert parallel.shard_dim((129280, 7168), 512) == 0
+
+
 def test_dry_run_command_prints_the_plan(capsys):
     assert train.main(["--size", "full", "--dry-run", "--gpus", "512"]) == 0
     text = capsys.readouterr().out
