@@ -172,9 +172,22 @@ def parse_args(argv=None):
 # -------------------------------------------------------------------------------------------------
 # Pipeline
 
-def load_model(ckpt: dict, device) -> Transformer:
-    model = Transformer(ModelConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+def model_from_checkpoint(path: Path, new_model) -> Transformer:
+    """The model of a pipeline checkpoint: a `.pt` file, or a `.dcp` directory written under torchrun.
+    new_model(config) builds the empty (possibly sharded) model to load into."""
+    if path.is_dir():
+        meta = parallel.read_meta(path)
+        if meta is None:
+            raise SystemExit(f"{path}: not a checkpoint (a .pt file or a .dcp directory with meta.json)")
+        model = new_model(ModelConfig(**meta["config"]))
+        parallel.load_sharded(path, model)
+        return model
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = new_model(ModelConfig(**ckpt["config"]))
+        parallel.copy_full_state(model, ckpt["model"])
+    except Exception as e:  # not ours, truncated, or from an incompatible version
+        raise SystemExit(f"{path}: cannot load this checkpoint ({type(e).__name__}: {e})") from None
     return model
 
 
@@ -233,10 +246,7 @@ class Pipeline:
                 model = run.new_model(hf.config_from_hf(json.loads((Path(self.args.init_from) / "config.json").read_text())))
                 return parallel.load_hf_sharded(model, self.args.init_from, self.env)
             if self.args.init_from:
-                ckpt = torch.load(self.args.init_from, map_location="cpu", weights_only=False)
-                model = run.new_model(ModelConfig(**ckpt["config"]))
-                parallel.copy_full_state(model, ckpt["model"])
-                return model
+                return model_from_checkpoint(Path(self.args.init_from), run.new_model)
             return stages.stage_base(run, self.new_model("init/base"), data, cfg.pretrain)
         if stage == "r1_zero":
             return stages.train_rl(run, "r1_zero", self.get("base"), data.train, cfg.r1_zero, desc="R1-Zero")
@@ -393,12 +403,12 @@ def write_report(out: Path, cfg: PipelineConfig, data: Data, timings: dict):
 
 def ask(args):
     ckpt_path = Path(args.init_from)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    tok_path = ckpt_path.parent.parent / "tokenizer.json"
+    tok_path = ckpt_path.resolve().parent.parent / "tokenizer.json"
     if not tok_path.exists():
         raise SystemExit(f"no tokenizer.json next to the run of {ckpt_path}")
     tok = Tokenizer.load(tok_path)
-    model = load_model(ckpt, "cpu").eval()
+    env = parallel.Env(torch.device("cpu"), torch.float32)
+    model = model_from_checkpoint(ckpt_path, lambda cfg: parallel.build_model(cfg, env)).eval()
     from model import generate
     problem = stages.Problem(args.ask, "")
     prompt = tok.encode(stages.prompt_text(problem), bos=True)

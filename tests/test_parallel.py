@@ -100,6 +100,13 @@ def test_pipeline_stages_under_torchrun(tmp_path):
     for key in ("pass@1", "format", "length"):  # same weights, same per-batch seeds: same samples
         assert json.loads((two / "eval" / "base.json").read_text())[key] == pytest.approx(
             json.loads((one / "eval" / "base.json").read_text())[key], abs=1e-9)
+    answer = launch(0, ROOT / "train.py", "--ask", "What is 2 + 3?", "--init-from",
+                    two / "checkpoints" / "base.dcp", "--max-new-tokens", "6", "--threads", "1")
+    assert answer.returncode == 0
+    (two / "checkpoints" / "junk.pt").write_bytes(b"not a checkpoint")
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "--ask", "2 + 3?", "--init-from",
+                          str(two / "checkpoints" / "junk.pt")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert bad.returncode != 0 and "cannot load this checkpoint" in bad.stderr
     run_train(0, two, "--stage", "r1_zero")                  # DCP -> one process
     rows = metrics(two, "r1_zero")
     assert [r["step"] for r in rows] == [1, 2]
