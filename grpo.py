@@ -163,7 +163,7 @@ def completion_logprobs(model: Transformer, prompt_tokens, prompt_mask, tokens, 
     P, N = prompt_tokens.shape[1], tokens.shape[1]
     distinct, rows = torch.unique(torch.cat([prompt_tokens, prompt_mask.long()], dim=1), dim=0,
                                   return_inverse=True)                       # (D, 2P), (B,)
-    if len(distinct) == len(rows):  # nothing to share: one forward over prompt and completion
+    if not parallel.any_rank(len(distinct) < len(rows), prompt_tokens.device):  # nothing to share: one forward
         full = torch.cat([prompt_tokens, tokens], dim=1)                     # (B, P + N)
         key_mask = torch.cat([prompt_mask, mask], dim=1)
         logits = model(full, key_mask=key_mask).logits[:, P - 1:-1]          # (B, N, V)
@@ -311,11 +311,14 @@ class GRPO:
             return r, info
         kept = [r]
         n_kept = int((~self._zero_var(r)).sum())
-        while n_kept < len(problems) and refill is not None and info["refills"] < cfg.max_refills:
-            more = self.rollout(refill(len(problems) - n_kept))
+        # under torchrun every rank rolls out as often as the neediest one (rollouts may be collective:
+        # FSDP gathers); a rank whose batch is already full samples one throwaway group
+        while refill is not None and info["refills"] < cfg.max_refills and parallel.any_rank(n_kept < len(problems)):
+            more = self.rollout(refill(max(len(problems) - n_kept, 1)))
             info["refills"] += 1
-            kept.append(more)
-            n_kept += int((~self._zero_var(more)).sum())
+            if n_kept < len(problems):
+                kept.append(more)
+                n_kept += int((~self._zero_var(more)).sum())
         merged = merge_rollouts(kept, self.pad_id)
         good = (~self._zero_var(merged)).nonzero().flatten().tolist()[:len(problems)]
         if not good:  # nothing informative: keep the original batch, whose advantages are all zero

@@ -574,6 +574,27 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # shared_head.norm
 
 
+@torch.no_grad()
+def init_parameters(module: nn.Module, std: float):
+    """Normal(0, std) weights, unit norms, zero router bias, in module order. Works on any part of
+    the model, so a sharded build can initialise one block at a time (parallel.build_model)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, Gate):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, Experts):
+            for e in range(m.w1.shape[0]):  # drawn as the per-expert Linears would be, in order
+                for w in (m.w1, m.w2, m.w3):
+                    nn.init.normal_(w[e], std=std)
+        elif isinstance(m, MoE):
+            m.expert_load.zero_()
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor                            # (B, T, V)
@@ -603,21 +624,7 @@ class Transformer(nn.Module):
         """
         if self.embed.weight.is_meta:
             return
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Gate):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, Experts):
-                for e in range(module.w1.shape[0]):  # drawn as the per-expert Linears would be, in order
-                    for w in (module.w1, module.w2, module.w3):
-                        nn.init.normal_(w[e], std=self.cfg.init_std)
-            elif isinstance(module, MoE):
-                module.expert_load.zero_()
+        init_parameters(self, self.cfg.init_std)
         cos, sin = rope_tables(self.cfg, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

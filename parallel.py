@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import MoE, ModelConfig, Transformer, count_parameters
+from model import MoE, ModelConfig, Transformer, count_parameters, init_parameters
 
 
 # -------------------------------------------------------------------------------------------------
@@ -102,6 +102,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """True if `flag` is true on any rank: a branch that decides how many forwards run must agree
+    on every rank, or FSDP's collectives would pair up wrongly."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    return bool(all_reduce_sum(torch.tensor(int(flag), device=device)))
+
+
 def all_gather_list(items: list) -> list:
     """Concatenate Python lists from every rank, rank by rank."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -155,9 +163,9 @@ def build_model(cfg: ModelConfig, env: Env, *, seed: int | None = None, sharded:
                 **parallel_options) -> Transformer:
     """Construct on the meta device, shard (when distributed), then allocate only this rank's shards.
 
-    With `seed`, weights are initialised as `Transformer(cfg)` would in one process: every rank
-    draws the same full tensor from the seed and keeps its shard (cheap at test sizes; at full
-    size weights come from a checkpoint instead, see `load_hf_sharded`)."""
+    With `seed`, the weights are those `Transformer(cfg)` draws in one process, built block by block
+    (`init_like_one_process`); without, they are left for a checkpoint to fill (`load_sharded`,
+    `load_hf_sharded`)."""
     sharded = env.distributed if sharded is None else sharded
     if seed is not None:
         torch.manual_seed(seed)
@@ -169,9 +177,30 @@ def build_model(cfg: ModelConfig, env: Env, *, seed: int | None = None, sharded:
         parallelize(model, env, **parallel_options)
     model.to_empty(device=env.device)  # without a seed: uninitialised, for a checkpoint to fill
     if seed is not None:
-        copy_full_state(model, Transformer(cfg).state_dict())
+        init_like_one_process(model, cfg, seed)
     materialise_buffers(model)
     return model
+
+
+def init_like_one_process(model: Transformer, cfg: ModelConfig, seed: int):
+    """The weights `Transformer(cfg)` draws after torch.manual_seed(seed), into a sharded model, one
+    block at a time: each rank draws every full tensor of a block on the CPU, keeps its shards and
+    frees the block, so no rank holds more than one block in full."""
+    with torch.device("meta"):
+        template = Transformer(cfg)
+    torch.manual_seed(seed)
+    # an eagerly built Transformer's nn.Embedding draws its weight once in its constructor, before
+    # init_weights draws it again: spend the same random numbers
+    torch.empty(cfg.vocab_size, cfg.dim).normal_()
+    units = []
+    for name, child in template.named_children():      # registration order = init_weights' order
+        units += [(f"{name}.{i}", c) for i, c in enumerate(child)] if isinstance(child, nn.ModuleList) \
+            else [(name, child)]
+    for prefix, unit in units:
+        unit.to_empty(device="cpu")
+        init_parameters(unit, cfg.init_std)
+        copy_full_state(model, {f"{prefix}.{k}": v for k, v in unit.state_dict().items()}, partial=True)
+        unit.to_empty(device="meta")
 
 
 def materialise_buffers(model: Transformer):
@@ -186,14 +215,17 @@ def materialise_buffers(model: Transformer):
 
 
 @torch.no_grad()
-def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor]):
-    """Copy full (unsharded) tensors into a possibly sharded model: each rank keeps its own shard."""
+def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False):
+    """Copy full (unsharded) tensors into a possibly sharded model: each rank keeps its own shard.
+    Every entry of the model must be in `state`, unless `partial`; no entry of `state` may be unknown."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise KeyError(f"state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if (missing and not partial) or unknown:
+        raise KeyError(f"state lacks {missing[:5]}, has unknown {unknown[:5]}")
     for name, target in own.items():
+        if name not in state:
+            continue
         src = state[name].to(device=target.device, dtype=target.dtype)
         if isinstance(target, DTensor):
             target.to_local().copy_(distribute_tensor(src, target.device_mesh, target.placements,
