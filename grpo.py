@@ -134,7 +134,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
     if loss_agg == "grpo":      # 1/G sum_i 1/|o_i| sum_t
         loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n_seqs
     elif loss_agg == "token":   # 1/sum|o_i| sum_i sum_t
-        n_tokens = mask.sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1)
+        n_tokens = mask.sum().clamp(min=1) if n_tokens is None else (n_tokens if n_tokens > 0 else 1)
         loss = (per_token * mask).sum() / n_tokens
     elif loss_agg == "dr_grpo":  # 1/(G L) sum_i sum_t
         loss = (per_token * mask).sum() / (n_seqs * (max_len or logp.shape[1]))
@@ -259,6 +259,10 @@ class GRPO:
         self.prompt_ids, self.decode = prompt_ids, decode
         self.pad_id, self.stop_ids = pad_id, tuple(stop_ids)
         self.world_size = world_size
+        if cfg.dynamic_sampling and world_size > 1:
+            # each rank would refill a different number of times and keep a different number of
+            # groups: FSDP's collectives and the loss normalisers need the same on every rank
+            raise ValueError("dynamic_sampling is not supported under torchrun (world size > 1) yet")
         self.optimizer = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.ref = self._frozen_copy(make_reference) if cfg.beta > 0 else None
@@ -311,14 +315,11 @@ class GRPO:
             return r, info
         kept = [r]
         n_kept = int((~self._zero_var(r)).sum())
-        # under torchrun every rank rolls out as often as the neediest one (rollouts may be collective:
-        # FSDP gathers); a rank whose batch is already full samples one throwaway group
-        while refill is not None and info["refills"] < cfg.max_refills and parallel.any_rank(n_kept < len(problems)):
-            more = self.rollout(refill(max(len(problems) - n_kept, 1)))
+        while n_kept < len(problems) and refill is not None and info["refills"] < cfg.max_refills:
+            more = self.rollout(refill(len(problems) - n_kept))
             info["refills"] += 1
-            if n_kept < len(problems):
-                kept.append(more)
-                n_kept += int((~self._zero_var(more)).sum())
+            kept.append(more)
+            n_kept += int((~self._zero_var(more)).sum())
         merged = merge_rollouts(kept, self.pad_id)
         good = (~self._zero_var(merged)).nonzero().flatten().tolist()[:len(problems)]
         if not good:  # nothing informative: keep the original batch, whose advantages are all zero
@@ -333,15 +334,18 @@ class GRPO:
     def update(self, r: Rollout, adv: torch.Tensor) -> dict:
         cfg, policy = self.cfg, self.policy
         N = adv.shape[0]
+        adv = adv.to(r.tokens.device)  # rewards are computed on the CPU
         policy.train()
         with torch.no_grad():
-            ref_logp = (completion_logprobs(self.ref, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask,
-                                            cfg.temperature) if self.ref is not None else None)
+            def logprobs(model):  # in micro-batches too: (micro, N, V) logits at a time, not (rollout, N, V)
+                parts = torch.arange(N, device=r.tokens.device).split(cfg.micro_batch_size or N)
+                return torch.cat([completion_logprobs(model, r.prompt_tokens[i], r.prompt_mask[i], r.tokens[i],
+                                                      r.mask[i], cfg.temperature) for i in parts])
+            ref_logp = logprobs(self.ref) if self.ref is not None else None
             # pi_old: the policy as it sampled. With one update per rollout the current log-probs
             # (detached) are exactly that; otherwise recompute them once before the first update.
             on_policy = cfg.mu == 1 and cfg.n_minibatches == 1
-            old_logp = None if on_policy else completion_logprobs(
-                policy, r.prompt_tokens, r.prompt_mask, r.tokens, r.mask, cfg.temperature)
+            old_logp = None if on_policy else logprobs(policy)
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         n_updates = 0
         gen = torch.Generator().manual_seed(self.step_count)
@@ -350,7 +354,7 @@ class GRPO:
             for mb in order.chunk(cfg.n_minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
                 # the whole minibatch's tokens over all ranks; x W undoes FSDP's gradient average
-                n_tokens = int(parallel.all_reduce_sum(r.mask[mb].sum())) / self.world_size
+                n_tokens = max(int(parallel.all_reduce_sum(r.mask[mb].sum())), 1) / self.world_size
                 micro = cfg.micro_batch_size or len(mb)
                 for idx in mb.split(micro):
                     logp, ent = completion_logprobs(policy, r.prompt_tokens[idx], r.prompt_mask[idx],
@@ -382,7 +386,8 @@ class GRPO:
         if cfg.adv_scale == "batch" and self.world_size > 1:  # the std of the whole batch, all ranks
             everyone = torch.tensor(parallel.all_gather_list(r.rewards.tolist()))
             std = everyone.std() if len(everyone) > 1 else everyone.new_zeros(())
-            adv = advantages(r.rewards, cfg.group_size, "none") / (std + cfg.adv_eps)
+            centred = advantages(r.rewards, cfg.group_size, "none")
+            adv = centred / (std + cfg.adv_eps) if std > 0 else torch.zeros_like(centred)
         else:
             adv = advantages(r.rewards, cfg.group_size, cfg.adv_scale, cfg.adv_eps)
         upd = self.update(r, adv)

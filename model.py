@@ -612,6 +612,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = Linear(cfg.dim, cfg.vocab_size)  # not tied to the embedding
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
+        self.cache_dtype: torch.dtype | None = None  # see new_cache
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
         self.init_weights()
@@ -639,10 +640,12 @@ class Transformer(nn.Module):
             moe.update_bias(gamma)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
-        """An empty latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer."""
+        """An empty latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer, in
+        `cache_dtype` if set (the compute dtype when it differs from the stored weights', as under
+        FSDP2 mixed precision), else the weights' dtype."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
-        dtype = dtype or self.embed.weight.dtype
+        dtype = dtype or self.cache_dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         return [KVCache(torch.zeros(batch_size, max_len, self.cfg.kv_lora_rank, dtype=dtype, device=device),
                         torch.zeros(batch_size, max_len, self.cfg.qk_rope_head_dim, dtype=dtype, device=device))

@@ -17,7 +17,9 @@
   activations and the rollout KV cache, for `train.py --dry-run`.
 Experts under FSDP: a layer's routed experts are stacked (256, ., .) parameters of its MoE block,
 so FSDP splits them along the expert dimension (whole experts per rank while there are at most
-256 ranks, their widest dimension beyond) and all-gathers the whole MoE layer when the block runs. Expert parallelism (not built here) would instead keep each rank's
+256 ranks, their widest evenly divisible dimension beyond) and all-gathers the whole MoE layer when
+the block runs: 11.5B parameters per block for `full`, which is why FSDP alone does not fit the
+671B model on 80 GB GPUs (`memory_plan`). Expert parallelism (not built here) would instead keep each rank's
 experts resident and move tokens to them with all-to-all: weight traffic becomes activation traffic.
 """
 
@@ -144,19 +146,24 @@ def parallelize(model: Transformer, env: Env, *, param_dtype: torch.dtype | None
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        for m in model.mtp:
+            m.block = checkpoint_wrapper(m.block, preserve_rng_state=False)
     for block in blocks(model):
         fully_shard(block, mp_policy=mp, shard_placement_fn=placement)
     fully_shard(model, mp_policy=mp, shard_placement_fn=placement)
+    model.cache_dtype = param_dtype  # outside a forward the weights are fp32 shards; sample in bf16
     return model
 
 
 def shard_dim(shape: tuple[int, ...], world_size: int) -> int:
     """The dimension FSDP splits a parameter along: the first, unless it has fewer entries than
-    there are ranks (the stacked experts' 256 on 440 GPUs, the router's 256 rows), then the widest,
-    so that every rank holds an equal share and the memory plan's 1/W holds."""
+    there are ranks (the stacked experts' 256 on 512 GPUs, the router's 256 rows), then the widest
+    that the ranks divide evenly (FSDP2 pads only the first dimension), so that every rank holds an
+    equal share; failing that the first, padded, leaving some ranks without a share."""
     if shape[0] >= world_size:
         return 0
-    return max(range(len(shape)), key=lambda d: shape[d])
+    even = [d for d in range(len(shape)) if shape[d] % world_size == 0]
+    return max(even, key=lambda d: shape[d]) if even else 0
 
 
 def build_model(cfg: ModelConfig, env: Env, *, seed: int | None = None, sharded: bool | None = None,
@@ -263,22 +270,28 @@ def rollout_mode(model: nn.Module, gather_all: bool | None = None):
     if not is_sharded(model):
         yield False
         return
+    from torch.distributed.fsdp import FSDPModule
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if gather_all is None:
         gather_all = _fits_unsharded(model)
     if not gather_all:
+        # generate runs under inference_mode: an all-gather there would leave FSDP's unsharded
+        # parameters as inference tensors, which training then cannot use. Gather each group once
+        # here first, one at a time, so its buffers exist as ordinary tensors.
+        for m in groups:
+            m.unshard()
+            m.reshard()
         yield True
         return
-    from torch.distributed.fsdp import FSDPModule
-    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in groups:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield False
     finally:
-        for m in groups:
+        for m in groups:  # FSDP2's defaults: the root stays gathered after forward, blocks reshard
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def _fits_unsharded(model: nn.Module) -> bool:
@@ -325,6 +338,8 @@ def save_sharded(path: Path, env: Env, model: nn.Module, meta: dict, optimizer=N
         (tmp / "meta.json").write_text(json.dumps({**meta, "world_size": env.world_size,
                                                    "has": sorted(state)}))
         old = path.with_name(path.name + ".old")
+        if old.exists():  # left by a crash in the middle of an earlier save
+            shutil.rmtree(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -341,14 +356,20 @@ def read_meta(path: Path) -> dict | None:
 def load_sharded(path: Path, model: nn.Module, optimizer=None, ref=None) -> dict:
     """Load a DCP checkpoint saved on any number of ranks into this run's (sharded or not) model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     meta = read_meta(path)
     if meta is None:
         raise RuntimeError(f"{path} is not a complete sharded checkpoint (no meta.json)")
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None and "optimizer" in meta["has"]:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        # a parameter that was never trained (GRPO leaves MTP alone) has no saved AdamW state:
+        # ask only for the states the checkpoint holds
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items()
+                                       if all(f"optimizer.state.{k}.{n}" in saved for n in v)}
     if ref is not None and "ref" in meta["has"]:
         state["ref"] = get_model_state_dict(ref)
     with warnings.catch_warnings():  # in one process DCP warns that it loads without a process group
@@ -356,7 +377,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer=None, ref=None) -> dict
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     if "optimizer" in state:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     if "ref" in state:
         set_model_state_dict(ref, state["ref"])
     return meta
@@ -371,7 +392,7 @@ def barrier(env: Env):
 # Memory plan (train.py --dry-run)
 
 GIB = 1024 ** 3
-TRAINING_ROWS = ["activations", "logits + grad (fp32)"]
+TRAINING_ROWS = ["block gradients (bf16 + fp32 for reduce-scatter)", "activations", "logits + grad (fp32)"]
 ROLLOUT_ROWS = ["rollout KV cache (bf16)"]
 
 
@@ -430,14 +451,16 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: ModelConfig, size: str, world_size: int, gpu_gib: float, *, micro_batch: int = 1,
-                seq_len: int = 4096, rollout_seqs: int = 512, rollout_len: int = 32768,
-                activation_checkpointing: bool = True) -> MemoryPlan:
-    """Per-GPU memory of FSDP2 training with bf16 compute over fp32 master weights and AdamW.
+                seq_len: int = 4096, rollout_seqs: int = 8192, rollout_len: int = 32768,
+                activation_checkpointing: bool = True, reference: bool = True) -> MemoryPlan:
+    """Per-GPU memory of FSDP2 GRPO training with bf16 compute over fp32 master weights and AdamW.
 
-    Sharded across world_size: fp32 parameters (4 B), fp32 gradients (4 B), AdamW m and v (8 B).
-    Unsharded: bf16 copies of the block being computed and of the next one (FSDP2 prefetches it),
-    activations of one micro-batch, fp32 logits and their gradient, and the latent KV cache of this
-    rank's share of the rollout sequences (bf16, cfg's MLA cache size).
+    Sharded across world_size: fp32 parameters (4 B), fp32 gradients (4 B), AdamW m and v (8 B),
+    and the frozen reference model (4 B) when beta > 0. Unsharded: bf16 copies of the block being
+    computed and of the next one (FSDP2 prefetches it); in backward, the block's unsharded bf16
+    gradients and their fp32 copy for the reduce-scatter; activations of one micro-batch; fp32 logits
+    and their gradient; and in a rollout the latent KV cache of this rank's share of the sequences
+    (bf16, cfg's MLA cache size; R1-Zero rolls out 512 questions x 16 = 8,192).
     """
     counts, largest_block = _sizes(cfg)
     n_params = counts["total"] + counts["mtp"]          # trained together
@@ -457,13 +480,17 @@ def memory_plan(cfg: ModelConfig, size: str, world_size: int, gpu_gib: float, *,
     rows = {"parameters (fp32, sharded)": 4 * n_params // W,
             "gradients (fp32, sharded)": 4 * n_params // W,
             "AdamW m, v (fp32, sharded)": 8 * n_params // W,
+            "reference model (fp32, sharded)": 4 * n_params // W if reference else 0,
             "gathered blocks (bf16)": 2 * 2 * largest_block,
+            "block gradients (bf16 + fp32 for reduce-scatter)": (2 + 4) * largest_block,
             "activations": act,
             "logits + grad (fp32)": logits,
             "rollout KV cache (bf16)": seqs * rollout_len * cache_per_token}
     detail = {"parameters (fp32, sharded)": f"4 B x {n_params:,} / {W}",
               "gradients (fp32, sharded)": f"4 B x {n_params:,} / {W}",
               "AdamW m, v (fp32, sharded)": f"8 B x {n_params:,} / {W}",
+              "reference model (fp32, sharded)": f"4 B x {n_params:,} / {W}" if reference else "beta = 0: none",
+              "block gradients (bf16 + fp32 for reduce-scatter)": f"(2 + 4) B x {largest_block:,}",
               "gathered blocks (bf16)": f"2 blocks x 2 B x {largest_block:,} (largest block)",
               "activations": f"{micro_batch} x {seq_len} tokens, {act_how}",
               "logits + grad (fp32)": f"{tokens} tokens x {cfg.vocab_size} x 4 B x 2 x {1 + cfg.mtp_depth} heads",

@@ -132,7 +132,7 @@ def pipeline_preset(size: str) -> PipelineConfig:
             student=dict(dim=32, n_layers=2), ckpt_every=1)
     if size == "full":  # R1-Zero as the paper ran it; the model and tokenizer come from --init-from
         zero = RLStageConfig(steps=10_400, grpo=GRPOConfig(
-            group_size=16, prompts_per_step=512, n_minibatches=16, mu=1, max_new_tokens=32_768,
+            group_size=16, prompts_per_step=512, n_minibatches=16, mu=1, max_new_tokens=32_768, micro_batch_size=1,
             temperature=1.0, lr=3e-6, beta=0.001, ref_reset_every=400))
         return PipelineConfig(model="full", r1_zero=zero, max_new_tokens=32_768, n_test=100, eval_k=4,
                               activation_checkpointing=True)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     d.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
     d.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
-    d.add_argument("--rollout-seqs", type=int, default=512, help="sequences per rollout, all GPUs (R1-Zero: 32 x 16)")
+    d.add_argument("--rollout-seqs", type=int, default=8192, help="sequences per rollout, all GPUs (R1-Zero: 512 x 16)")
     d.add_argument("--rollout-len", type=int, default=32768, help="prompt + completion tokens per rollout sequence")
     d.add_argument("--no-activation-checkpointing", action="store_true", help="plan without recomputation")
     return p

@@ -5,7 +5,8 @@ trains on its slice of batches that are the same on every rank, so the trajector
 can be compared across world sizes. Rank 0 writes {mode: {losses, norm, tokens}} as JSON.
 
   sft   next-token steps --sft-steps A:B, optionally --load DIR first and --save DIR after
-  grpo  GRPO updates (beta > 0, "token" aggregation) on fixed rollouts for --grpo-steps A:B, then
+  grpo  GRPO updates (beta > 0, "token" aggregation) on fixed rollouts for --grpo-steps A:B (with
+        --load / --save of policy, optimizer and reference as for sft), then
         sampling from the sharded model, every block gathered at once and block by block
   --bf16 (FSDP2 mixed precision), --ac (activation checkpointing)
 """
@@ -79,6 +80,8 @@ def grpo() -> dict:
     gcfg = GRPOConfig(group_size=2, prompts_per_step=4, max_new_tokens=6, beta=0.05, lr=1e-2, loss_agg="token")
     trainer = GRPO(model, gcfg, [], prompt_ids=None, decode=None, pad_id=0, stop_ids=(1,),
                    make_reference=lambda: parallel.build_model(cfg, env, **options), world_size=W)
+    if args.load:
+        parallel.load_sharded(Path(args.load), model, trainer.optimizer, trainer.ref)
     losses = []
     for step in steps(args.grpo_steps):
         g = torch.Generator().manual_seed(2000 + step)
@@ -94,6 +97,9 @@ def grpo() -> dict:
         trainer.step_count = step
         upd = trainer.update(r, advantages(r.rewards, 2))
         losses.append(float(parallel.all_reduce_sum(torch.tensor(upd["loss"]))) / W)  # the ranks' mean
+    if args.save:  # the MTP module gets no gradient in GRPO, hence no AdamW state: resume must cope
+        parallel.save_sharded(Path(args.save), env, model, {"step": steps(args.grpo_steps).stop},
+                              optimizer=trainer.optimizer, ref=trainer.ref)
     prompts = batch(99, 3, 4).tolist()
     prompts = [prompts[0][:2], prompts[1], prompts[2][:3]]
     with parallel.rollout_mode(model):
