@@ -112,6 +112,17 @@ def any_rank(flag: bool, device=None) -> bool:
     return bool(all_reduce_sum(torch.tensor(int(flag), device=device)))
 
 
+def from_rank0(value, env: Env):
+    """Rank 0's value on every rank. For decisions read from a shared filesystem (does a checkpoint
+    exist, in which format), where a rank on another node may briefly see a stale directory and
+    take another branch than the others, whose collectives would then never pair up."""
+    if not (env.distributed and env.world_size > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_gather_list(items: list) -> list:
     """Concatenate Python lists from every rank, rank by rank."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

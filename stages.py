@@ -320,8 +320,16 @@ class Run:
     def dcp_path(self, stage: str, final: bool) -> Path:
         return self.out / "checkpoints" / (f"{stage}.dcp" if final else f"{stage}.partial.dcp")
 
+    def checkpoint_kind(self, stage: str, final: bool) -> str | None:
+        """"dcp", "pt" or None, as rank 0 sees the run directory (every rank then takes one branch)."""
+        kind = None
+        if self.env.is_main:
+            kind = ("dcp" if parallel.read_meta(self.dcp_path(stage, final)) is not None
+                    else "pt" if self.ckpt_path(stage, final).exists() else None)
+        return parallel.from_rank0(kind, self.env)
+
     def has_checkpoint(self, stage: str, final: bool) -> bool:
-        return self.ckpt_path(stage, final).exists() or parallel.read_meta(self.dcp_path(stage, final)) is not None
+        return self.checkpoint_kind(stage, final) is not None
 
     def save(self, stage: str, model: Transformer, step: int, final: bool, optimizer=None, ref=None, extra=None):
         optimizer, ref = (None, None) if final else (optimizer, ref)
@@ -351,11 +359,10 @@ class Run:
             raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete it to redo the stage") from e
 
     def checkpoint_config(self, stage: str, final: bool = True) -> ModelConfig | None:
-        meta = parallel.read_meta(self.dcp_path(stage, final))
-        if meta is not None:
-            return ModelConfig(**meta["config"])
-        ckpt = self.load(stage, final)
-        return None if ckpt is None else ModelConfig(**ckpt["config"])
+        kind = self.checkpoint_kind(stage, final)
+        if kind == "dcp":
+            return ModelConfig(**parallel.read_meta(self.dcp_path(stage, final))["config"])
+        return None if kind is None else ModelConfig(**self.load(stage, final)["config"])
 
     def restore(self, stage: str, final: bool, model: Transformer, optimizer=None, ref=None) -> int | None:
         """Load a checkpoint of either format into `model` (and optimizer, reference); returns its step.
@@ -363,12 +370,12 @@ class Run:
         A sharded checkpoint loads on any number of ranks (DCP reshards); a `.pt` one holds full
         tensors, which load into a sharded model too, but its optimizer state only into one process.
         """
-        path = self.dcp_path(stage, final)
-        if parallel.read_meta(path) is not None:
-            return parallel.load_sharded(path, model, optimizer, ref)["step"]
-        ckpt = self.load(stage, final)
-        if ckpt is None:
+        kind = self.checkpoint_kind(stage, final)
+        if kind is None:
             return None
+        if kind == "dcp":
+            return parallel.load_sharded(self.dcp_path(stage, final), model, optimizer, ref)["step"]
+        ckpt = self.load(stage, final)
         parallel.copy_full_state(model, ckpt["model"])
         if optimizer is not None and ckpt["optimizer"] is not None:
             if self.env.distributed:

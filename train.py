@@ -283,7 +283,7 @@ class Pipeline:
 
     def evaluate(self, stage: str):
         path = self.args.out / "eval" / f"{stage}.json"
-        if path.exists():
+        if parallel.from_rank0(path.exists(), self.env):
             return json.loads(path.read_text())
         model = self.get(stage).eval()
         result = stages.evaluate(self.run, model, self.data.test, f"eval/{stage}")
