@@ -453,7 +453,7 @@ class MemoryPlan:
     def table(self) -> str:
         lines = [f"{self.size}: {self.total_params:,} parameters ({self.active_params:,} active per token), "
                  f"{self.world_size} GPUs x {self.gpu_gib:g} GiB", "",
-                 f"| per GPU | GiB | how |", "|---|---|---|"]
+                 "| per GPU | GiB | how |", "|---|---|---|"]
         for k, v in self.rows.items():
             lines.append(f"| {k} | {v / GIB:.2f} | {self.detail[k]} |")
         lines.append(f"| peak (resident + max(training, rollout)) | {self.total / GIB:.2f} | "
