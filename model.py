@@ -591,8 +591,6 @@ def init_parameters(module: nn.Module, std: float):
             for e in range(m.w1.shape[0]):  # drawn as the per-expert Linears would be, in order
                 for w in (m.w1, m.w2, m.w3):
                     nn.init.normal_(w[e], std=std)
-        elif isinstance(m, MoE):
-            m.expert_load.zero_()
 
 
 @dataclass
@@ -626,9 +624,17 @@ class Transformer(nn.Module):
         if self.embed.weight.is_meta:
             return
         init_parameters(self, self.cfg.init_std)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self):
+        """Recompute the buffers no checkpoint holds: rope tables and zero expert loads (also after
+        `to_empty()`, which leaves them uninitialised)."""
         cos, sin = rope_tables(self.cfg, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for moe in self.moe_layers():
+            moe.expert_load.zero_()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import MoE, ModelConfig, Transformer, count_parameters, init_parameters
+from model import ModelConfig, Transformer, count_parameters, init_parameters
 
 
 # -------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def build_model(cfg: ModelConfig, env: Env, *, seed: int | None = None, sharded:
     model.to_empty(device=env.device)  # without a seed: uninitialised, for a checkpoint to fill
     if seed is not None:
         init_like_one_process(model, cfg, seed)
-    materialise_buffers(model)
+    model.reset_buffers()
     return model
 
 
@@ -219,17 +219,6 @@ def init_like_one_process(model: Transformer, cfg: ModelConfig, seed: int):
         init_parameters(unit, cfg.init_std)
         copy_full_state(model, {f"{prefix}.{k}": v for k, v in unit.state_dict().items()}, partial=True)
         unit.to_empty(device="meta")
-
-
-def materialise_buffers(model: Transformer):
-    """Recompute the non-persistent buffers that `to_empty` left uninitialised."""
-    from model import rope_tables
-    cos, sin = rope_tables(model.cfg, model.rope_cos.device)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.expert_load.zero_()
 
 
 @torch.no_grad()
@@ -264,7 +253,7 @@ def load_hf_sharded(model: Transformer, path, env: Env) -> Transformer:
     directory, one tensor at a time: each rank reads a tensor, keeps its shard and drops the rest."""
     import hf
     hf.load_hf_checkpoint(path, model=model, device=env.device)
-    materialise_buffers(model)
+    model.reset_buffers()
     return model
 
 
