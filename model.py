@@ -257,6 +257,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the rotation e^(i pos f) given as one complex tensor, broadcast against x's
+    pairs: x (..., d), rope (..., d/2) complex. The folded decode step builds it once for all layers."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex wants whole complex numbers; a slice usually has them
+    return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2).type_as(x)
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight, x / sqrt(mean(x^2) + eps): the folded decode step multiplies the
+    weight into the next matrix instead."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).type_as(x)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense FFN or the shared experts (the routed
     experts are the same function with stacked weights, `Experts`)."""
@@ -269,6 +284,14 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def fold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[w1; w3] with the preceding RMSNorm's weight, and w2^T: one product in, one out."""
+        return torch.cat([self.w1.weight, self.w3.weight]) * norm, self.w2.weight.t().contiguous()
+
+    def decode(self, x, fold: Folded):
+        h1, h3 = (x @ fold.w_ffn_in.t()).chunk(2, dim=-1)
+        return (F.silu(h1) * h3) @ fold.w_ffn_out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -298,6 +321,7 @@ class MLA(nn.Module):
         self.qk_head_dim = cfg.qk_head_dim
         self.v_head_dim = cfg.v_head_dim
         self.softmax_scale = cfg.softmax_scale
+        self.norm_eps = cfg.norm_eps
         H = cfg.n_heads
         if cfg.q_lora_rank == 0:
             self.wq = Linear(cfg.dim, H * cfg.qk_head_dim)
@@ -374,6 +398,49 @@ class MLA(nn.Module):
             raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
         return self.wo(o.transpose(1, 2).flatten(2))                                    # (B, T, D)
 
+    def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The absorbed products of one decode step, multiplied out once (see `Transformer.fold`).
+
+        W^UK into the query: per head [W^UK^T W^UQ; W^QR] maps c^Q (or x) straight to [q in the
+        latent space; q^R]. W^UV into the output: W^O W^UV maps the attended latents straight to D.
+        The norms' weights go into the matrix that follows them (a diagonal scaling of its input).
+        """
+        H, d_n, d_c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        w_uk, w_uv = self.wkv_b.weight.view(H, d_n + self.v_head_dim, d_c).split([d_n, self.v_head_dim], dim=1)
+        wq = self.wq if self.q_lora_rank == 0 else self.wq_b
+        q_nope, q_pe = wq.weight.view(H, self.qk_head_dim, -1).split([d_n, self.qk_rope_head_dim], dim=1)
+        w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe], dim=1).flatten(0, 1)  # (H (d_c + d_R), q_lora or D)
+        w_o = torch.einsum("dhv,hvc->dhc", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)   # (D, H, d_c)
+        w_kv = self.wkv_a.weight
+        if self.q_lora_rank == 0:
+            return {"w_in": torch.cat([w_q, w_kv]) * norm, "w_q": None,
+                    "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(1)}
+        return {"w_in": torch.cat([self.wq_a.weight, w_kv]) * norm, "w_q": w_q * self.q_norm.weight,
+                "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(1)}
+
+    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: torch.Tensor, bias: torch.Tensor):
+        """Absorbed attention of one token per row with folded weights, writing cache position pos.
+
+        x: (B, D) after the unit RMS norm; rope: (B, d_R/2) complex rotation of each row's position;
+        bias: (B, 1, pos + 1) additive mask over the cache. Returns (B, D).
+        """
+        B, H, d_c, d_R = x.shape[0], self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        h = x @ fold.w_in.t()
+        if fold.w_q is None:
+            q, kv, k_pe = h.split([H * (d_c + d_R), d_c, d_R], dim=-1)
+        else:
+            c_q, kv, k_pe = h.split([self.q_lora_rank, d_c, d_R], dim=-1)
+            q = unit_rms(c_q, self.norm_eps) @ fold.w_q.t()
+        q, q_pe = q.view(B, H, d_c + d_R).split([d_c, d_R], dim=-1)                     # (B, H, d_c), (B, H, d_R)
+        cache.kv[:B, pos] = unit_rms(kv, self.norm_eps) * fold.kv_norm                 # c^KV, eq. 1
+        cache.pe[:B, pos] = rotate(k_pe, rope)                                          # k^R, eq. 3
+        kv, k_pe = cache.kv[:B, :pos + 1].to(x.dtype), cache.pe[:B, :pos + 1].to(x.dtype)  # (B, S, d_c), (B, S, d_R)
+        scores = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=self.softmax_scale)  # (B, H, S)
+        scores = torch.baddbmm(scores, rotate(q_pe, rope.unsqueeze(1)), k_pe.transpose(1, 2),
+                               alpha=self.softmax_scale)
+        o = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).type_as(kv), kv)    # (B, H, d_c)
+        return o.flatten(1) @ fold.w_o.t()
+
 
 # -------------------------------------------------------------------------------------------------
 # DeepSeekMoE
@@ -395,11 +462,15 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: (N, D) -> weights (N, K), indices (N, K) and affinities s (N, E), all fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        return self.route(F.linear(x.float(), self.weight.float()))
+
+    def route(self, logits: torch.Tensor):
+        """Routing from the logits u_t^T e_i (N, E): what `forward` returns."""
+        logits = logits.float()
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # s_i, eq. 15
         choice = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)                 # (N, G, E/G)
+            grouped = choice.view(logits.shape[0], self.n_groups, -1)            # (N, G, E/G)
             if self.score_func == "sigmoid":  # V3: a group is worth its two best experts
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:                             # V2: a group is worth its best expert
@@ -411,7 +482,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)                                      # g'_i from s_i, not s_i + b_i
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)                # eq. 13
-        return weights * self.route_scale, indices, scores
+        return (weights * self.route_scale if self.route_scale != 1 else weights), indices, scores
 
 
 class Experts(nn.Module):
@@ -439,11 +510,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x: (N, D); weights, indices: (N, K) gate weights g and chosen experts. Returns (N, D)."""
-        E, inter, D = self.w1.shape
-        wasted = 6 * x.shape[0] * (E - indices.shape[1]) * inter * D
-        if wasted <= self.dense_max_wasted_flops:
+        if self.runs_dense(x.shape[0], indices.shape[1]):
             return self.dense(x, weights, indices)
         return self.grouped(x, weights, indices)
+
+    def runs_dense(self, n_tokens: int, k: int) -> bool:
+        E, inter, D = self.w1.shape
+        return 6 * n_tokens * (E - k) * inter * D <= self.dense_max_wasted_flops
 
     def dense(self, x, weights, indices):
         E, inter, D = self.w1.shape
@@ -507,6 +580,30 @@ class MoE(nn.Module):
             y = flat.new_zeros(B * T, D).index_copy_(0, keep, y)
         return y.view(B, T, D), aux
 
+    def fold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router, every routed expert and the shared experts as one product in and one out:
+        [gate; w1 of experts 1..N_r, shared; w3 likewise] (times the RMSNorm weight) and the w2s stacked
+        along their inputs, so that sum_e g_e w2_e h_e is one product over (e, i) with g = 1 for shared."""
+        E, inter, D = self.experts.w1.shape
+        w1, w3, w2 = self.experts.w1.reshape(E * inter, D), self.experts.w3.reshape(E * inter, D), \
+            self.experts.w2.transpose(1, 2).reshape(E * inter, D)
+        s = self.shared_experts
+        if s is not None:
+            w1, w3, w2 = torch.cat([w1, s.w1.weight]), torch.cat([w3, s.w3.weight]), torch.cat([w2, s.w2.weight.t()])
+        return torch.cat([self.gate.weight, w1, w3]) * norm, w2
+
+    def decode(self, x, fold: Folded):
+        """Eq. 12 for one token per row, every expert computed densely as `Experts.dense` does.
+        x: (B, D) after the unit RMS norm. Returns (B, D)."""
+        B, E, inter = x.shape[0], self.n_routed_experts, self.experts.w1.shape[1]
+        n = fold.w_ffn_out.shape[0]                                                  # (N_r + shared) I
+        logits, h1, h3 = (x @ fold.w_ffn_in.t()).split([E, n, n], dim=-1)
+        weights, indices, _ = self.gate.route(logits)
+        g = x.new_zeros(B, E).scatter_(1, indices, weights.type_as(x))               # g_e, 0 if not chosen
+        g = F.pad(g, (0, n // inter - E), value=1.0)                                 # shared experts: 1
+        h = (F.silu(h1) * h3).view(B, -1, inter) * g.unsqueeze(2)                    # (B, N_r + shared, I)
+        return h.flatten(1) @ fold.w_ffn_out
+
     @torch.no_grad()
     def update_bias(self, gamma: float):
         """Aux-loss-free balancing: b_i -= gamma if expert i was overloaded, += gamma if underloaded."""
@@ -556,6 +653,34 @@ class Block(nn.Module):
         else:
             h, aux = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
         return x + h, aux
+
+    def fold(self, n_tokens: int) -> Folded:
+        attn = self.attn.fold(self.attn_norm.weight)
+        moe = isinstance(self.ffn, MoE)
+        if moe and not self.ffn.experts.runs_dense(n_tokens, self.ffn.topk):
+            return Folded(**attn, w_ffn_in=None, w_ffn_out=None)  # too many tokens for dense experts
+        w_in, w_out = self.ffn.fold(self.ffn_norm.weight)
+        return Folded(**attn, w_ffn_in=w_in, w_ffn_out=w_out)
+
+    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: torch.Tensor, bias: torch.Tensor):
+        """`forward` for one token per row (x: (B, D)) with folded weights."""
+        x = x + self.attn.decode(unit_rms(x, self.attn_norm.eps), fold, cache, pos, rope, bias)
+        if fold.w_ffn_in is None:
+            return x + self.ffn(self.ffn_norm(x).unsqueeze(1))[0].squeeze(1)
+        return x + self.ffn.decode(unit_rms(x, self.ffn_norm.eps), fold)
+
+
+@dataclass
+class Folded:
+    """One block's weights multiplied out for decoding one token per row (`Transformer.fold`)."""
+    w_in: torch.Tensor              # (q_lora + d_c + d_R, D): [W^DQ; W^DKV; W^KR] * attn_norm
+    w_q: torch.Tensor | None        # (H (d_c + d_R), q_lora): [W^UK^T W^UQ; W^QR] * q_norm; None without
+                                    # q_lora, whose query rows lead w_in instead
+    kv_norm: torch.Tensor           # (d_c,)
+    w_o: torch.Tensor               # (D, H d_c): W^O W^UV
+    w_ffn_in: torch.Tensor | None   # (E + 2 (N_r + shared) I, D) [gate; w1s; w3s] * ffn_norm, or (2 I, D);
+                                    # None: the MoE runs its own forward (too many rows to run densely)
+    w_ffn_out: torch.Tensor | None  # ((N_r + shared) I, D) stacked w2^T, or (I, D)
 
 
 class MTPModule(nn.Module):
@@ -644,6 +769,38 @@ class Transformer(nn.Module):
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
         for moe in self.moe_layers():
             moe.update_bias(gamma)
+
+    def folding_pays(self) -> bool:
+        """Whether the folded query and output matrices hold fewer values than the ones they replace
+        (wq_b or wq, wkv_b, wo): so for small models like `tiny`, where a decode step is bound by
+        reading weights and launching kernels; not for `full` (W^UK^T W^UQ is 3x W^UQ)."""
+        c = self.cfg
+        q_in = c.q_lora_rank or c.dim
+        folded = c.n_heads * (c.kv_lora_rank + c.qk_rope_head_dim) * q_in + c.dim * c.n_heads * c.kv_lora_rank
+        plain = (c.n_heads * c.qk_head_dim * q_in + c.dim * c.n_heads * c.v_head_dim
+                 + c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank)
+        return folded <= plain
+
+    @torch.no_grad()
+    def fold(self, n_tokens: int) -> tuple[list[Folded], torch.Tensor]:
+        """Weights for `decode`: each block's products multiplied out (MLA.fold, MoE.fold, MLP.fold)
+        and the final norm's weight in the head. The same function as `forward`, up to rounding;
+        valid until the weights change, so `generate` folds once per call."""
+        return [layer.fold(n_tokens) for layer in self.layers], self.head.weight * self.norm.weight
+
+    def decode(self, tokens: torch.Tensor, folded: tuple[list[Folded], torch.Tensor], cache: list[KVCache],
+               pos: int, rope: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One decode step with folded weights: tokens (B,) at cache position pos; rope (B, d_R/2)
+        complex rotation of each row's position; bias (B, 1, pos + 1) additive mask. Returns (B, V) logits.
+
+        The absorbed attention's step as `forward` takes it, in about half the kernels: every
+        product that does not depend on the token is multiplied out in `fold`.
+        """
+        layers, head = folded
+        x = self.embed(tokens)                                                       # (B, D)
+        for layer, fold, c in zip(self.layers, layers, cache):
+            x = layer.decode(x, fold, c, pos, rope, bias)
+        return unit_rms(x, self.norm.eps) @ head.t()
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         """An empty latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer, in
@@ -787,7 +944,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     if temperature <= 0:
         ids = logits.argmax(dim=-1)
         return ids, logits.log_softmax(dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1)
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     logprobs = logits.log_softmax(dim=-1)
     filtered = logits
     if 0 < top_k < logits.shape[-1]:
@@ -798,21 +956,35 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p   # keep the smallest prefix with mass >= top_p
         filtered = filtered.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    ids = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    # Inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U(0, total).
+    # One uniform per row, where torch.multinomial draws an exponential per vocabulary entry.
+    cdf = filtered.softmax(dim=-1).double().cumsum(dim=-1)                      # (B, V)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token: cdf is flat there
     return ids, logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+
+
+def has_dtensors(model: nn.Module) -> bool:
+    """Whether some parameter is a shard (an FSDP2 DTensor) rather than a whole tensor."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 @torch.inference_mode()  # no autograd bookkeeping, which is much of a small model's decode step
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int,
              stop_ids: tuple[int, ...] = (), temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, generator: torch.Generator | None = None,
-             attn_impl: str = "absorbed", sync_stop: bool = False) -> Generation:
+             attn_impl: str = "absorbed", sync_stop: bool = False, fold: bool | None = None) -> Generation:
     """Batched sampling: left-pad the prompts, prefill each distinct prompt once, decode with the latent cache.
 
     Rows with the same prompt share its prefill (the same logits as prefilling each row), so G samples
     of one prompt cost one prompt forward; sampling draws from the generator in row order either way.
     sync_stop: under torchrun with FSDP-sharded weights gathered block by block, stop when every
     rank's rows are done (see parallel.rollout_mode).
+    fold: decode with the weights multiplied out once (`Transformer.fold`, `Transformer.decode`);
+    None: where that pays (`Transformer.folding_pays`) and the weights are whole tensors on this rank.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs a token")
@@ -836,6 +1008,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    if fold is None:
+        fold = attn_impl == "absorbed" and not sync_stop and model.folding_pays() and not has_dtensors(model)
+    if fold:
+        folded = model.fold(B)
+        positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(max_new_tokens, device=device)  # (B, N)
+        rope = torch.complex(model.rope_cos, model.rope_sin)[positions]            # (B, N, d_R/2)
+        bias = torch.zeros(B, 1, P + max_new_tokens, device=device).masked_fill_(~key_mask.unsqueeze(1), float("-inf"))
     was_training = model.training
     model.eval()
     try:
@@ -853,15 +1032,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             tokens[:, t] = torch.where(live, ids, pad_id)
             logprobs[:, t] = torch.where(live, lp, 0.0)
             mask[:, t] = live
-            done = done | (live & torch.isin(ids, stop))
+            if stop_ids:
+                done = done | (live & torch.isin(ids, stop))
             finished = done.all()
             if sync_stop:  # sharded weights: every rank joins every forward until all ranks are done
                 finished = finished.int()
                 torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
             if bool(finished) or t == max_new_tokens - 1:
                 break
-            logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
-                           start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
+            if fold:
+                logits = model.decode(tokens[:, t], folded, cache, P + t, rope[:, t], bias[..., :P + t + 1])
+            else:
+                logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
+                               start_pos=P + t, attn_impl=attn_impl).logits[:, -1]
     finally:
         model.train(was_training)
     with torch.inference_mode(False):  # plain tensors out, which training may use (old log-probs)

@@ -144,6 +144,44 @@ def test_cached_decoding_equals_full_forward(impl):
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["v3", "v2", "v2 two shared experts", "many rows"])
+def test_folded_decode_step_equals_the_absorbed_forward(variant):
+    """Transformer.decode with the products multiplied out (MLA.fold, MoE.fold) is the same function
+    as a cached forward step and writes the same cache; with rows too many for dense experts the
+    MoE runs its own (grouped) forward."""
+    overrides = {"v3": {}, "v2": VARIANTS["v2"], "many rows": {},
+                 "v2 two shared experts": dict(VARIANTS["v2"], n_shared_experts=2)}[variant]
+    model = micro(**overrides).eval()
+    randomise_biases(model)
+    if variant == "many rows":  # as if too many for one dense product
+        for moe in model.moe_layers():
+            moe.experts.dense_max_wasted_flops = 0
+    B = 3
+    x = torch.randint(0, 64, (B, 13))
+    key_mask = torch.ones(B, 13, dtype=torch.bool)
+    key_mask[0, :4] = False  # a left-padded row
+    cache, folded_cache = model.new_cache(B, 13), model.new_cache(B, 13)
+    with torch.no_grad():
+        model(x[:, :12], key_mask=key_mask[:, :12], cache=cache, attn_impl="absorbed")
+        model(x[:, :12], key_mask=key_mask[:, :12], cache=folded_cache, attn_impl="absorbed")
+        step = model(x[:, 12:], key_mask=key_mask, cache=cache, start_pos=12, attn_impl="absorbed").logits[:, 0]
+        layers, head = model.fold(B)
+        assert all((f.w_ffn_in is None) == (variant == "many rows") for f in layers[1:])
+        positions = key_mask.sum(dim=1) - 1
+        rope = torch.complex(model.rope_cos, model.rope_sin)[positions]
+        bias = torch.zeros(B, 1, 13).masked_fill_(~key_mask.unsqueeze(1), float("-inf"))
+        folded = model.decode(x[:, 12], (layers, head), folded_cache, 12, rope, bias)
+    assert torch.allclose(folded, step, atol=1e-5)
+    for c, f in zip(cache, folded_cache):
+        assert torch.allclose(c.kv, f.kv, atol=1e-6) and torch.allclose(c.pe, f.pe, atol=1e-6)
+
+
+def test_folding_pays_for_tiny_but_not_for_full():
+    # full: W^UK^T W^UQ (128 heads x 512 x 1536) is three times W^UQ; tiny's folds are smaller.
+    assert Transformer(get_config("tiny")).folding_pays()
+    assert not meta_model("full").folding_pays()
+
+
 def test_chunked_prefill_equals_one_shot_prefill():
     model = micro().eval()
     x = torch.randint(0, 64, (2, 30))
@@ -408,20 +446,22 @@ def test_micro_model_overfits_a_fixed_batch():
 # ------------------------------------------------------------------------------------------------
 # Generation
 
-def test_padded_batch_generation_equals_one_prompt_at_a_time():
+@pytest.mark.parametrize("fold", [False, True])
+def test_padded_batch_generation_equals_one_prompt_at_a_time(fold):
     model = micro().eval()
     prompts = [[5, 9, 13, 2, 7, 1, 30], [3, 4], [60, 61, 62, 63]]
-    batch = generate(model, prompts, 10, pad_id=0, temperature=0)
+    batch = generate(model, prompts, 10, pad_id=0, temperature=0, fold=fold)
     for b, p in enumerate(prompts):
-        alone = generate(model, [p], 10, pad_id=0, temperature=0)
+        alone = generate(model, [p], 10, pad_id=0, temperature=0, fold=not fold)
         assert torch.equal(batch.tokens[b], alone.tokens[0])
         assert torch.allclose(batch.logprobs[b], alone.logprobs[0], atol=1e-5)
 
 
-def test_sampled_logprobs_equal_the_training_forward():
+@pytest.mark.parametrize("fold", [False, True])
+def test_sampled_logprobs_equal_the_training_forward(fold):
     model = micro().eval()
     g = generate(model, [[5, 9, 13], [3, 4, 8, 9, 10]], 12, pad_id=0, temperature=0.7, top_p=0.9,
-                 generator=torch.Generator().manual_seed(0))
+                 generator=torch.Generator().manual_seed(0), fold=fold)
     tokens = torch.cat([g.prompt_tokens, g.tokens], dim=1)
     key_mask = torch.cat([g.prompt_mask, g.mask], dim=1)
     P = g.prompt_tokens.shape[1]
@@ -462,6 +502,27 @@ def test_top_k_and_top_p_restrict_the_sampled_support():
     assert torch.allclose(lp, probs.log()[ids])  # log-probs of the untruncated policy
     ids, _ = sample_token(logits, 0.0, 1.0, 0, gen)
     assert (ids == 0).all()
+
+
+def test_sampled_frequencies_follow_the_policy():
+    # Inverse-CDF sampling: token frequencies match softmax(logits / T) within 4 standard errors,
+    # and a token with zero probability after top-k is never drawn.
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0, 0.5]]).repeat(40_000, 1)
+    probs = torch.softmax(logits[0] / 0.8, 0)
+    ids, _ = sample_token(logits, 0.8, 1.0, 0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=6).double() / len(ids)
+    assert ((freq - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / len(ids)).sqrt() + 1e-9).all()
+    ids, _ = sample_token(logits, 1.0, 1.0, 5, torch.Generator().manual_seed(1))
+    assert 4 not in ids.tolist() and set(ids.tolist()) == {0, 1, 2, 3, 5}
+
+
+def test_generate_folds_the_weights_where_it_pays():
+    calls = []
+    for name in ("tiny", "micro"):  # micro's folded W^O W^UV would be larger than W^O and W^UV
+        model = micro() if name == "micro" else Transformer(get_config("tiny"))
+        model.fold = lambda n, fold=model.fold: calls.append(name) or fold(n)
+        generate(model.eval(), [[1, 2, 3]], 3, pad_id=0)
+    assert calls == ["tiny"]
 
 
 def test_generate_rejects_empty_prompts():
