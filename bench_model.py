@@ -5,7 +5,8 @@ by `from_pretrained`; the logits are compared first).
 - training tokens/s: forward + backward + AdamW on one random (B, T) batch; ours with MTP off (like for
   like) and on, transformers with each attention x experts implementation, the fastest the baseline;
 - sampling tokens/s: B prompts, N new tokens, temperature 1, no stop token; our latent-cache
-  `generate` against transformers' `generate` with its DynamicCache;
+  `generate` (folded decode step where it pays, the default, and not folded) against transformers'
+  `generate` with its DynamicCache;
 - KV-cache bytes per token against the MLA minimum (kv_lora_rank + qk_rope_head_dim) * bytes * layers;
 - MFU: FLOPs per token (`train_flops_per_token`) x tokens/s over an fp32 matmul peak timed in the run;
 - our routed experts' two paths (`Experts.dense`, `Experts.grouped`) by token count, which places
@@ -239,8 +240,8 @@ def bench(args) -> dict:
     ours.eval()
     sampled = {}
 
-    def ours_sample(n=N):
-        out = generate(ours, prompts.tolist(), n, pad_id=0, temperature=1.0)
+    def ours_sample(n=N, fold=None):
+        out = generate(ours, prompts.tolist(), n, pad_id=0, temperature=1.0, fold=fold)
         sampled["ours"] = int(out.lengths.sum())
 
     def hf_sample(hf, name, n=N):
@@ -251,9 +252,11 @@ def bench(args) -> dict:
         sampled[name] = (out.sequences.shape[1] - P) * B
         sampled[name + " cache"] = out.past_key_values
 
-    runs = {"ours, latent cache": ours_sample}
+    runs = {"ours, latent cache": ours_sample,
+            "ours, latent cache, not folded": partial(ours_sample, fold=False)}
     runs.update({name: (lambda hf=hf, name=name: hf_sample(hf, name)) for name, hf in hf_models.items()})
     ours_sample(8)  # warm up on short runs
+    ours_sample(8, fold=False)
     for name, hf in hf_models.items():
         hf_sample(hf, name, 8)
     times = interleaved(runs, reps=args.sample_reps, warmup=0)
@@ -368,8 +371,8 @@ def main():
     parser.add_argument("--seq", type=int, default=256, help="training sequence length")
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per prompt")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
-    parser.add_argument("--sample-reps", type=int, default=3, help="timed generate calls per variant")
+    parser.add_argument("--steps", type=int, default=7, help="timed training steps per variant")
+    parser.add_argument("--sample-reps", type=int, default=5, help="timed generate calls per variant")
     parser.add_argument("--expert-reps", type=int, default=50, help="timed calls per routed-experts path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,10 @@ Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 241
   sequence-wise balance loss (eqs. 17-20). The routed experts' weights are stacked (N_r, ., .)
   tensors, run densely for a few tokens and grouped by expert for many.
 - Multi-Token Prediction, eqs. 21-25: D sequential modules sharing the embedding and the head.
+- Sampling with the latent cache: each distinct prompt prefilled once; for small models the decode
+  step runs on weights multiplied out once per `generate` call (`Transformer.fold`: W^UK into the
+  query, W^UV into the output, norm weights into the next matrix, router + all experts as one
+  product in and one out), the same function with about half the matrix products.
 Deliberate choices: the router bias is a config switch rather than keyed on `dim`; YaRN is applied
 whenever rope_factor > 1 (the official code silently skips it for max_seq_len <= 4096); the sampler
 returns log-probs of the temperature-scaled policy before top-k/top-p truncation, which is the
@@ -793,7 +797,7 @@ class Transformer(nn.Module):
         """One decode step with folded weights: tokens (B,) at cache position pos; rope (B, d_R/2)
         complex rotation of each row's position; bias (B, 1, pos + 1) additive mask. Returns (B, V) logits.
 
-        The absorbed attention's step as `forward` takes it, in about half the kernels: every
+        The absorbed attention's step as `forward` takes it, with about half the matrix products: every
         product that does not depend on the token is multiplied out in `fold`.
         """
         layers, head = folded
