@@ -257,7 +257,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (B, T, H, d); cos, sin: (B, T, d/2).
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, d/2)
-    out = torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(2))        # (B, T, H, d/2, 2)
+    out = torch.view_as_real(pairs * torch.complex(cos.float(), sin.float()).unsqueeze(2))  # (B, T, H, d/2, 2)
     return out.flatten(-2).type_as(x)
 
 
@@ -677,7 +677,8 @@ class Block(nn.Module):
 @dataclass
 class Folded:
     """One block's weights multiplied out for decoding one token per row (`Transformer.fold`)."""
-    w_in: torch.Tensor              # (q_lora + d_c + d_R, D): [W^DQ; W^DKV; W^KR] * attn_norm
+    w_in: torch.Tensor              # (q_lora + d_c + d_R, D): [W^DQ; W^DKV; W^KR] * attn_norm; without
+                                    # q_lora (H (d_c + d_R) + d_c + d_R, D): [folded wq; W^DKV; W^KR]
     w_q: torch.Tensor | None        # (H (d_c + d_R), q_lora): [W^UK^T W^UQ; W^QR] * q_norm; None without
                                     # q_lora, whose query rows lead w_in instead
     kv_norm: torch.Tensor           # (d_c,)
@@ -777,7 +778,8 @@ class Transformer(nn.Module):
     def folding_pays(self) -> bool:
         """Whether the folded query and output matrices hold fewer values than the ones they replace
         (wq_b or wq, wkv_b, wo): so for small models like `tiny`, where a decode step is bound by
-        reading weights and launching kernels; not for `full` (W^UK^T W^UQ is 3x W^UQ)."""
+        reading weights and launching kernels; not for `full`, whose folded query matrix
+        [W^UK^T W^UQ; W^QR] would be 3x wq_b."""
         c = self.cfg
         q_in = c.q_lora_rank or c.dim
         folded = c.n_heads * (c.kv_lora_rank + c.qk_rope_head_dim) * q_in + c.dim * c.n_heads * c.kv_lora_rank
@@ -964,6 +966,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     # One uniform per row, where torch.multinomial draws an exponential per vocabulary entry.
     cdf = filtered.softmax(dim=-1).double().cumsum(dim=-1)                      # (B, V)
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise ValueError("sample_token: logits with NaN or +inf, or a row with no finite logit")
     ids = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token: cdf is flat there
     return ids, logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
 
@@ -1013,12 +1017,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     if fold is None:
-        fold = attn_impl == "absorbed" and not sync_stop and model.folding_pays() and not has_dtensors(model)
+        fold = (attn_impl == "absorbed" and not sync_stop and max_new_tokens > 1 and model.folding_pays()
+                and not has_dtensors(model))
+    elif fold and (sync_stop or has_dtensors(model)):
+        raise ValueError("fold=True needs whole weights on this rank: not with sync_stop or sharded (DTensor) parameters")
     if fold:
         folded = model.fold(B)
         positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(max_new_tokens, device=device)  # (B, N)
-        rope = torch.complex(model.rope_cos, model.rope_sin)[positions]            # (B, N, d_R/2)
-        bias = torch.zeros(B, 1, P + max_new_tokens, device=device).masked_fill_(~key_mask.unsqueeze(1), float("-inf"))
+        rope = torch.complex(model.rope_cos.float(), model.rope_sin.float())[positions]  # (B, N, d_R/2)
+        bias = torch.zeros(B, 1, P + max_new_tokens, dtype=model.embed.weight.dtype, device=device)
+        bias.masked_fill_(~key_mask.unsqueeze(1), float("-inf"))                   # (B, 1, S) additive mask
     was_training = model.training
     model.eval()
     try:

@@ -176,6 +176,19 @@ def test_folded_decode_step_equals_the_absorbed_forward(variant):
         assert torch.allclose(c.kv, f.kv, atol=1e-6) and torch.allclose(c.pe, f.pe, atol=1e-6)
 
 
+def test_folded_decoding_runs_in_bf16_and_refuses_sharded_weights():
+    # FSDP2 mixed precision gathers bf16 weights for rollouts: the folded step computes in bf16 too.
+    model = micro(qk_nope_head_dim=32, v_head_dim=32).eval()
+    assert model.folding_pays()
+    prompts = [[5, 9, 13, 2], [3, 4]]
+    fp32 = generate(model, prompts, 6, pad_id=0, temperature=0)
+    bf16 = generate(model.to(torch.bfloat16), prompts, 6, pad_id=0, temperature=0)
+    assert torch.equal(bf16.tokens[:, 0], fp32.tokens[:, 0])
+    assert torch.allclose(bf16.logprobs[:, 0], fp32.logprobs[:, 0], atol=0.05)
+    with pytest.raises(ValueError, match="fold=True"):
+        generate(model, prompts, 6, pad_id=0, fold=True, sync_stop=True)
+
+
 def test_folding_pays_for_tiny_but_not_for_full():
     # full: W^UK^T W^UQ (128 heads x 512 x 1536) is three times W^UQ; tiny's folds are smaller.
     assert Transformer(get_config("tiny")).folding_pays()
@@ -514,6 +527,16 @@ def test_sampled_frequencies_follow_the_policy():
     assert ((freq - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / len(ids)).sqrt() + 1e-9).all()
     ids, _ = sample_token(logits, 1.0, 1.0, 5, torch.Generator().manual_seed(1))
     assert 4 not in ids.tolist() and set(ids.tolist()) == {0, 1, 2, 3, 5}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_refuses_non_finite_logits(bad):
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN"):
+        sample_token(logits, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        sample_token(torch.full((2, 5), float("-inf")), 1.0, 1.0, 0)
 
 
 def test_generate_folds_the_weights_where_it_pays():

@@ -85,6 +85,43 @@ def test_grpo_resumes_from_a_sharded_checkpoint_on_another_world_size(single, tm
     assert rest["norm"] == pytest.approx(single["grpo"]["norm"], rel=1e-6)
 
 
+FOLDED_ROLLOUTS = """
+import json, sys
+import torch
+import parallel
+from model import generate, get_config, has_dtensors
+
+env = parallel.setup("cpu")
+cfg = get_config("micro", qk_nope_head_dim=32, v_head_dim=32)  # wide enough for folding to pay
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    model = parallel.build_model(cfg, env, seed=0, param_dtype=dtype).eval()
+    with parallel.rollout_mode(model, gather_all=True) as sync_stop:
+        runs = {fold: generate(model, [[1, 2, 3], [4, 5]], 6, pad_id=0, temperature=0, sync_stop=sync_stop,
+                               fold=fold) for fold in (None, False)}
+        out[str(dtype)] = {"folds": model.folding_pays() and not has_dtensors(model) and not sync_stop,
+                           **{str(f): g.tokens.tolist() for f, g in runs.items()},
+                           "logprobs": [g.logprobs[:, 0].tolist() for g in runs.values()]}
+if env.rank == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+parallel.teardown(env)
+"""
+
+
+def test_rollouts_fold_the_gathered_weights_in_fp32_and_bf16(tmp_path):
+    # rollout_mode gathers every block whole: generate folds them (bf16 under mixed precision) and
+    # decodes what the unfolded step decodes (fp32: the same greedy tokens; bf16: the same first token).
+    script, out = tmp_path / "folded.py", tmp_path / "folded.json"
+    script.write_text(FOLDED_ROLLOUTS)
+    launch(2, script, out)
+    r = json.loads(out.read_text())
+    fp32, bf16 = r["torch.float32"], r["torch.bfloat16"]
+    assert fp32["folds"] and bf16["folds"]
+    assert fp32["None"] == fp32["False"]
+    assert [row[0] for row in bf16["None"]] == [row[0] for row in bf16["False"]]
+    assert all(abs(a - b) < 0.05 for a, b in zip(*bf16["logprobs"]))
+
+
 def run_train(n: int, out, *args):
     return launch(n, ROOT / "train.py", "--size", "micro", "--out", out, "--quiet", "--threads", "1", *args)
 
