@@ -88,6 +88,7 @@ def test_grpo_resumes_from_a_sharded_checkpoint_on_another_world_size(single, tm
 FOLDED_ROLLOUTS = """
 import json, sys
 import torch
+sys.path.insert(0, ROOT_DIR)
 import parallel
 from model import generate, get_config, has_dtensors
 
@@ -112,7 +113,7 @@ def test_rollouts_fold_the_gathered_weights_in_fp32_and_bf16(tmp_path):
     # rollout_mode gathers every block whole: generate folds them (bf16 under mixed precision) and
     # decodes what the unfolded step decodes (fp32: the same greedy tokens; bf16: the same first token).
     script, out = tmp_path / "folded.py", tmp_path / "folded.json"
-    script.write_text(FOLDED_ROLLOUTS)
+    script.write_text(FOLDED_ROLLOUTS.replace("ROOT_DIR", repr(str(ROOT))))
     launch(2, script, out)
     r = json.loads(out.read_text())
     fp32, bf16 = r["torch.float32"], r["torch.bfloat16"]
