@@ -179,7 +179,7 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_variance():
     trainer = parity_trainer(dynamic_sampling=True, max_refills=3)
     for seed in range(50):  # a batch in which some group's G rewards are all equal (about 1 in 8)
         gen = torch.Generator().manual_seed(seed)
-        r, info = trainer.collect(make_problems(gen, 16), refill=lambda n: make_problems(gen, n))
+        r, info = trainer.collect(make_problems(gen, 16), refill=lambda n, gen=gen: make_problems(gen, n))
         if info["zero_var_frac"] > 0:
             break
     assert info["zero_var_frac"] > 0

@@ -543,7 +543,7 @@ def test_generate_folds_the_weights_where_it_pays():
     calls = []
     for name in ("tiny", "micro"):  # micro's folded W^O W^UV would be larger than W^O and W^UV
         model = micro() if name == "micro" else Transformer(get_config("tiny"))
-        model.fold = lambda n, fold=model.fold: calls.append(name) or fold(n)
+        model.fold = lambda n, fold=model.fold, name=name: calls.append(name) or fold(n)
         generate(model.eval(), [[1, 2, 3]], 3, pad_id=0)
     assert calls == ["tiny"]
 
