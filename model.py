@@ -262,8 +262,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with the rotation e^(i pos f) given as one complex tensor, broadcast against x's
-    pairs: x (..., d), rope (..., d/2) complex. The folded decode step builds it once for all layers."""
+    """Multiply each pair (x[2i], x[2i+1]) as a complex number by rope, the rotation e^(i pos f)
+    broadcast against x's pairs: x (..., d), rope (..., d/2) complex. The folded decode step builds
+    rope once per step for all layers."""
     pairs = x.float().unflatten(-1, (-1, 2))
     if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()  # view_as_complex wants whole complex numbers; a slice usually has them
@@ -415,11 +416,11 @@ class MLA(nn.Module):
         q_nope, q_pe = wq.weight.view(H, self.qk_head_dim, -1).split([d_n, self.qk_rope_head_dim], dim=1)
         w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe], dim=1).flatten(0, 1)  # (H (d_c + d_R), q_lora or D)
         w_o = torch.einsum("dhv,hvc->dhc", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)   # (D, H, d_c)
-        w_kv = self.wkv_a.weight
-        if self.q_lora_rank == 0:
-            return {"w_in": torch.cat([w_q, w_kv]) * norm, "w_q": None,
-                    "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(1)}
-        return {"w_in": torch.cat([self.wq_a.weight, w_kv]) * norm, "w_q": w_q * self.q_norm.weight,
+        if self.q_lora_rank == 0:  # the folded query rows act on x directly: they lead w_in
+            w_q_in, w_q = w_q, None
+        else:
+            w_q_in, w_q = self.wq_a.weight, w_q * self.q_norm.weight
+        return {"w_in": torch.cat([w_q_in, self.wkv_a.weight]) * norm, "w_q": w_q,
                 "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(1)}
 
     def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: torch.Tensor, bias: torch.Tensor):
