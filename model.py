@@ -261,20 +261,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Multiply each pair (x[2i], x[2i+1]) as a complex number by rope, the rotation e^(i pos f)
-    broadcast against x's pairs: x (..., d), rope (..., d/2) complex. The folded decode step builds
-    rope once per step for all layers."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()  # view_as_complex wants whole complex numbers; a slice usually has them
-    return torch.view_as_real(torch.view_as_complex(pairs) * rope).flatten(-2).type_as(x)
+def rope_swap(w: torch.Tensor) -> torch.Tensor:
+    """The rows of w (..., d_R, in), which make interleaved pairs (a, b), reordered and negated to make
+    (-b, a) instead. A folded decode step multiplies them out with the others and then rotates each pair
+    by angle t as x cos t + swap(x) sin t: the complex product (a + ib) e^(it) in two elementwise
+    products, with no complex views (each view is an operator call, and a decode step is mostly calls)."""
+    pairs = w.unflatten(-2, (-1, 2))                                             # (..., d_R/2, 2, in)
+    return torch.stack([-pairs[..., 1, :], pairs[..., 0, :]], dim=-2).flatten(-3, -2)
 
 
-def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+def unit_rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """RMSNorm without its weight, x / sqrt(mean(x^2) + eps): the folded decode step multiplies the
-    weight into the next matrix instead."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).type_as(x)
+    weight into the next matrix instead. eps is a 0-dim fp32 tensor and mean(x^2) + eps one addcmul of
+    ||x||: four operator calls where mean and Python scalars (each converted on every call) take eight."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+    scale = torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()
+    return x * (scale if x.dtype == torch.float32 else scale.to(x.dtype))
+
+
+def in_out(rows: list[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
+    """Matrices (out_i, in) stacked along out, each input column scaled by norm (the weight of the
+    RMSNorm before them), as one contiguous (in, sum out_i) matrix W: x @ W = [W_1; W_2; ...] (norm * x)."""
+    return torch.cat([r.t() for r in rows], dim=1).mul_(norm.unsqueeze(1))
 
 
 class MLP(nn.Module):
@@ -290,29 +298,40 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def fold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
         """[w1; w3] with the preceding RMSNorm's weight, and w2^T: one product in, one out."""
-        return torch.cat([self.w1.weight, self.w3.weight]) * norm, self.w2.weight.t().contiguous()
+        return {"w_ffn_in": in_out([self.w1.weight, self.w3.weight], norm), "w_ffn_out": self.w2.weight.t()}
 
     def decode(self, x, fold: Folded):
-        h1, h3 = (x @ fold.w_ffn_in.t()).chunk(2, dim=-1)
-        return (F.silu(h1) * h3) @ fold.w_ffn_out
+        h1, h3 = torch.mm(x, fold.w_ffn_in).chunk(2, dim=-1)
+        return torch.mm(F.silu(h1) * h3, fold.w_ffn_out)
 
 
 # -------------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 
 class KVCache:
-    """The MLA cache of one layer: normalised latent c^KV and rotated shared key k^R per token.
+    """The MLA cache of one layer: normalised latent c^KV and rotated shared key k^R per token, side by
+    side in one buffer, so that a folded decode step scores a query against both in one product.
 
     A plain class, not a dataclass: FSDP2 rebuilds dataclass arguments around tensors that need
     gradients, and the cache must stay the caller's object, written in place.
     """
-    __slots__ = ("kv", "pe")
+    __slots__ = ("latent", "kv_lora_rank")
 
-    def __init__(self, kv: torch.Tensor, pe: torch.Tensor):
-        self.kv = kv   # (B, S_max, kv_lora_rank)
-        self.pe = pe   # (B, S_max, qk_rope_head_dim)
+    def __init__(self, latent: torch.Tensor, kv_lora_rank: int):
+        self.latent = latent                                    # (B, S_max, kv_lora_rank + qk_rope_head_dim)
+        self.kv_lora_rank = kv_lora_rank
+
+    # Views made on each use: a view kept from before a write that records autograd history (a prefill
+    # with gradients) could not be written in place after it.
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.latent[..., :self.kv_lora_rank]             # (B, S_max, kv_lora_rank)
+
+    @property
+    def pe(self) -> torch.Tensor:
+        return self.latent[..., self.kv_lora_rank:]             # (B, S_max, qk_rope_head_dim)
 
 
 class MLA(nn.Module):
@@ -406,45 +425,54 @@ class MLA(nn.Module):
     def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
         """The absorbed products of one decode step, multiplied out once (see `Transformer.fold`).
 
-        W^UK into the query: per head [W^UK^T W^UQ; W^QR] maps c^Q (or x) straight to [q in the
-        latent space; q^R]. W^UV into the output: W^O W^UV maps the attended latents straight to D.
-        The norms' weights go into the matrix that follows them (a diagonal scaling of its input).
+        W^UK into the query: per head [W^UK^T W^UQ; W^QR; swap(W^QR)] * softmax scale maps c^Q (or x)
+        straight to [q in the latent space; q^R before rotation; its pairs swapped (`rope_swap`)]. W^UV
+        into the output: W^O W^UV maps the attended latents straight to D. The norms' weights go into
+        the matrix that follows them (a diagonal scaling of its input). Matrices are stored as (in, out),
+        the layout in which an 8-row product runs fastest.
         """
         H, d_n, d_c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
         w_uk, w_uv = self.wkv_b.weight.view(H, d_n + self.v_head_dim, d_c).split([d_n, self.v_head_dim], dim=1)
         wq = self.wq if self.q_lora_rank == 0 else self.wq_b
         q_nope, q_pe = wq.weight.view(H, self.qk_head_dim, -1).split([d_n, self.qk_rope_head_dim], dim=1)
-        w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe], dim=1).flatten(0, 1)  # (H (d_c + d_R), q_lora or D)
-        w_o = torch.einsum("dhv,hvc->dhc", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)   # (D, H, d_c)
+        w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe, rope_swap(q_pe)], dim=1)  # (H, d_c + 2 d_R, q_in)
+        w_q = w_q.flatten(0, 1) * self.softmax_scale
+        w_kv = torch.cat([self.wkv_a.weight, rope_swap(self.wkv_a.weight[d_c:])])          # (d_c + 2 d_R, D)
+        w_o = torch.einsum("dhv,hvc->hcd", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)   # (H, d_c, D)
         if self.q_lora_rank == 0:  # the folded query rows act on x directly: they lead w_in
             w_q_in, w_q = w_q, None
         else:
-            w_q_in, w_q = self.wq_a.weight, w_q * self.q_norm.weight
-        return {"w_in": torch.cat([w_q_in, self.wkv_a.weight]) * norm, "w_q": w_q,
-                "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(1)}
+            w_q_in, w_q = self.wq_a.weight, (w_q * self.q_norm.weight).t()
+        return {"w_in": in_out([w_q_in, w_kv], norm), "w_q": w_q,
+                "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(0, 1)}
 
-    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: torch.Tensor, bias: torch.Tensor):
+    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: tuple[torch.Tensor, ...], bias: torch.Tensor):
         """Absorbed attention of one token per row with folded weights, writing cache position pos.
 
-        x: (B, D) after the unit RMS norm; rope: (B, d_R/2) complex rotation of each row's position;
-        bias: (B, 1, pos + 1) additive mask over the cache. Returns (B, D).
+        x: (B, D) after the unit RMS norm; rope: the step's cos and sin for the queries, (B, 1, d_c + d_R)
+        each, and for the key, (B, d_R) each (see `Transformer.decode_rope`); bias: (B, 1, pos + 1)
+        additive mask over the cache. Returns (B, D).
         """
         B, H, d_c, d_R = x.shape[0], self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
-        h = x @ fold.w_in.t()
+        h = torch.mm(x, fold.w_in)
         if fold.w_q is None:
-            q, kv, k_pe = h.split([H * (d_c + d_R), d_c, d_R], dim=-1)
+            q, kv, k_pe, k_swap = h.split([H * (d_c + 2 * d_R), d_c, d_R, d_R], dim=-1)
         else:
-            c_q, kv, k_pe = h.split([self.q_lora_rank, d_c, d_R], dim=-1)
-            q = unit_rms(c_q, self.norm_eps) @ fold.w_q.t()
-        q, q_pe = q.view(B, H, d_c + d_R).split([d_c, d_R], dim=-1)                     # (B, H, d_c), (B, H, d_R)
-        cache.kv[:B, pos] = unit_rms(kv, self.norm_eps) * fold.kv_norm                 # c^KV, eq. 1
-        cache.pe[:B, pos] = rotate(k_pe, rope)                                          # k^R, eq. 3
-        kv, k_pe = cache.kv[:B, :pos + 1].to(x.dtype), cache.pe[:B, :pos + 1].to(x.dtype)  # (B, S, d_c), (B, S, d_R)
-        scores = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=self.softmax_scale)  # (B, H, S)
-        scores = torch.baddbmm(scores, rotate(q_pe, rope.unsqueeze(1)), k_pe.transpose(1, 2),
-                               alpha=self.softmax_scale)
-        o = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).type_as(kv), kv)    # (B, H, d_c)
-        return o.flatten(1) @ fold.w_o.t()
+            c_q, kv, k_pe, k_swap = h.split([self.q_lora_rank, d_c, d_R, d_R], dim=-1)
+            q = torch.mm(unit_rms(c_q, fold.eps), fold.w_q)
+        cos_q, sin_q, cos_k, sin_k = rope
+        q = q.view(B, H, d_c + 2 * d_R)                                             # [q^C; q^R; swap(q^R)] per head
+        # [q^C; q^R cos + swap(q^R) sin]: over the first d_c columns the sin term is some q^C times 0.
+        q = torch.addcmul(q[..., :d_c + d_R] * cos_q, q[..., d_R:], sin_q)           # (B, H, d_c + d_R)
+        k_r = torch.addcmul(k_pe * cos_k, k_swap, sin_k)                              # k^R, eq. 3
+        cache.latent[:B, pos] = torch.cat([unit_rms(kv, fold.eps) * fold.kv_norm, k_r], dim=-1)  # [c^KV; k^R]
+        keys = cache.latent[:B, :pos + 1]                                            # (B, S, d_c + d_R)
+        if keys.dtype != x.dtype:
+            keys = keys.to(x.dtype)
+        scores = torch.baddbmm(bias, q, keys.transpose(1, 2))                         # (B, H, S), scaled by w_q
+        p = scores.softmax(dim=-1, dtype=torch.float32)
+        o = torch.bmm(p if p.dtype == keys.dtype else p.to(keys.dtype), keys[..., :d_c])  # (B, H, d_c)
+        return torch.mm(o.flatten(1), fold.w_o)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -585,29 +613,32 @@ class MoE(nn.Module):
             y = flat.new_zeros(B * T, D).index_copy_(0, keep, y)
         return y.view(B, T, D), aux
 
-    def fold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
         """Router, every routed expert and the shared experts as one product in and one out:
         [gate; w1 of experts 1..N_r, shared; w3 likewise] (times the RMSNorm weight) and the w2s stacked
-        along their inputs, so that sum_e g_e w2_e h_e is one product over (e, i) with g = 1 for shared."""
+        along their inputs, so that sum_e g_e w2_e h_e is one product over (e, i) with g = 1 for shared;
+        `gates` holds those g before routing: 0 for the routed experts, 1 for the shared ones."""
         E, inter, D = self.experts.w1.shape
-        w1, w3, w2 = self.experts.w1.reshape(E * inter, D), self.experts.w3.reshape(E * inter, D), \
-            self.experts.w2.transpose(1, 2).reshape(E * inter, D)
-        s = self.shared_experts
-        if s is not None:
-            w1, w3, w2 = torch.cat([w1, s.w1.weight]), torch.cat([w3, s.w3.weight]), torch.cat([w2, s.w2.weight.t()])
-        return torch.cat([self.gate.weight, w1, w3]) * norm, w2
+        w1, w3 = [self.experts.w1.flatten(0, 1)], [self.experts.w3.flatten(0, 1)]   # (E I, D)
+        w2 = [self.experts.w2.transpose(1, 2).flatten(0, 1)]                         # (E I, D), w2_e^T stacked
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            w1, w3, w2 = w1 + [s.w1.weight], w3 + [s.w3.weight], w2 + [s.w2.weight.t()]
+        w2 = torch.cat(w2)
+        gates = torch.zeros(1, len(w2) // inter, dtype=w2.dtype, device=w2.device)
+        gates[:, E:] = 1
+        return {"w_ffn_in": in_out([self.gate.weight, *w1, *w3], norm), "w_ffn_out": w2, "gates": gates}
 
     def decode(self, x, fold: Folded):
         """Eq. 12 for one token per row, every expert computed densely as `Experts.dense` does.
         x: (B, D) after the unit RMS norm. Returns (B, D)."""
         B, E, inter = x.shape[0], self.n_routed_experts, self.experts.w1.shape[1]
         n = fold.w_ffn_out.shape[0]                                                  # (N_r + shared) I
-        logits, h1, h3 = (x @ fold.w_ffn_in.t()).split([E, n, n], dim=-1)
+        logits, h1, h3 = torch.mm(x, fold.w_ffn_in).split([E, n, n], dim=-1)
         weights, indices, _ = self.gate.route(logits)
-        g = x.new_zeros(B, E).scatter_(1, indices, weights.type_as(x))               # g_e, 0 if not chosen
-        g = F.pad(g, (0, n // inter - E), value=1.0)                                 # shared experts: 1
+        g = fold.gates.expand(B, -1).scatter(1, indices, weights.type_as(x))         # g_e, 0 if not chosen, 1 shared
         h = (F.silu(h1) * h3).view(B, -1, inter) * g.unsqueeze(2)                    # (B, N_r + shared, I)
-        return h.flatten(1) @ fold.w_ffn_out
+        return torch.mm(h.flatten(1), fold.w_ffn_out)
 
     @torch.no_grad()
     def update_bias(self, gamma: float):
@@ -660,33 +691,36 @@ class Block(nn.Module):
         return x + h, aux
 
     def fold(self, n_tokens: int) -> Folded:
-        attn = self.attn.fold(self.attn_norm.weight)
+        parts = self.attn.fold(self.attn_norm.weight)
         moe = isinstance(self.ffn, MoE)
-        if moe and not self.ffn.experts.runs_dense(n_tokens, self.ffn.topk):
-            return Folded(**attn, w_ffn_in=None, w_ffn_out=None)  # too many tokens for dense experts
-        w_in, w_out = self.ffn.fold(self.ffn_norm.weight)
-        return Folded(**attn, w_ffn_in=w_in, w_ffn_out=w_out)
+        if not moe or self.ffn.experts.runs_dense(n_tokens, self.ffn.topk):  # else too many rows for dense experts
+            parts.update(self.ffn.fold(self.ffn_norm.weight))
+        eps = torch.tensor(self.attn_norm.eps, dtype=torch.float32, device=self.attn_norm.weight.device)
+        return Folded(**{k: None if v is None else v.contiguous() for k, v in parts.items()}, eps=eps)
 
-    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: torch.Tensor, bias: torch.Tensor):
+    def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: tuple[torch.Tensor, ...], bias: torch.Tensor):
         """`forward` for one token per row (x: (B, D)) with folded weights."""
-        x = x + self.attn.decode(unit_rms(x, self.attn_norm.eps), fold, cache, pos, rope, bias)
+        x = x + self.attn.decode(unit_rms(x, fold.eps), fold, cache, pos, rope, bias)
         if fold.w_ffn_in is None:
             return x + self.ffn(self.ffn_norm(x).unsqueeze(1))[0].squeeze(1)
-        return x + self.ffn.decode(unit_rms(x, self.ffn_norm.eps), fold)
+        return x + self.ffn.decode(unit_rms(x, fold.eps), fold)
 
 
 @dataclass
 class Folded:
-    """One block's weights multiplied out for decoding one token per row (`Transformer.fold`)."""
-    w_in: torch.Tensor              # (q_lora + d_c + d_R, D): [W^DQ; W^DKV; W^KR] * attn_norm; without
-                                    # q_lora (H (d_c + d_R) + d_c + d_R, D): [folded wq; W^DKV; W^KR]
-    w_q: torch.Tensor | None        # (H (d_c + d_R), q_lora): [W^UK^T W^UQ; W^QR] * q_norm; None without
-                                    # q_lora, whose query rows lead w_in instead
+    """One block's weights multiplied out for decoding one token per row (`Transformer.fold`), each
+    matrix stored as (in, out): a decode step computes x @ W."""
+    w_in: torch.Tensor              # (D, q_lora + d_c + 2 d_R): [W^DQ; W^DKV; W^KR; swap(W^KR)]^T * attn_norm;
+                                    # without q_lora (D, H (d_c + 2 d_R) + d_c + 2 d_R): [folded wq; ...]^T
+    w_q: torch.Tensor | None        # (q_lora, H (d_c + 2 d_R)): per head [W^UK^T W^UQ; W^QR; swap(W^QR)]^T
+                                    # * q_norm * softmax scale; None without q_lora (the rows lead w_in)
     kv_norm: torch.Tensor           # (d_c,)
-    w_o: torch.Tensor               # (D, H d_c): W^O W^UV
-    w_ffn_in: torch.Tensor | None   # (E + 2 (N_r + shared) I, D) [gate; w1s; w3s] * ffn_norm, or (2 I, D);
-                                    # None: the MoE runs its own forward (too many rows to run densely)
-    w_ffn_out: torch.Tensor | None  # ((N_r + shared) I, D) stacked w2^T, or (I, D)
+    w_o: torch.Tensor               # (H d_c, D): (W^O W^UV)^T
+    eps: torch.Tensor               # norm_eps as a 0-dim fp32 tensor, for `unit_rms`
+    w_ffn_in: torch.Tensor | None = None   # (D, E + 2 (N_r + shared) I) [gate; w1s; w3s]^T * ffn_norm, or
+                                           # (D, 2 I); None: the MoE runs its own forward (too many rows)
+    w_ffn_out: torch.Tensor | None = None  # ((N_r + shared) I, D) stacked w2^T, or (I, D)
+    gates: torch.Tensor | None = None      # (1, N_r + shared): g before routing, 0 routed and 1 shared
 
 
 class MTPModule(nn.Module):
@@ -793,21 +827,32 @@ class Transformer(nn.Module):
         """Weights for `decode`: each block's products multiplied out (MLA.fold, MoE.fold, MLP.fold)
         and the final norm's weight in the head. The same function as `forward`, up to rounding;
         valid until the weights change, so `generate` folds once per call."""
-        return [layer.fold(n_tokens) for layer in self.layers], self.head.weight * self.norm.weight
+        return [layer.fold(n_tokens) for layer in self.layers], (self.head.weight * self.norm.weight).t().contiguous()
 
     def decode(self, tokens: torch.Tensor, folded: tuple[list[Folded], torch.Tensor], cache: list[KVCache],
-               pos: int, rope: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """One decode step with folded weights: tokens (B,) at cache position pos; rope (B, d_R/2)
-        complex rotation of each row's position; bias (B, 1, pos + 1) additive mask. Returns (B, V) logits.
+               pos: int, rope: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+        """One decode step with folded weights: tokens (B,) at cache position pos; rope the step's
+        (cos, sin) of `decode_rope`; bias (B, 1, pos + 1) additive mask. Returns (B, V) logits.
 
         The absorbed attention's step as `forward` takes it, with about half the matrix products: every
         product that does not depend on the token is multiplied out in `fold`.
         """
         layers, head = folded
+        cos, sin = rope
+        d_c = self.cfg.kv_lora_rank
+        rope = (cos.unsqueeze(1), sin.unsqueeze(1), cos[:, d_c:], sin[:, d_c:])      # for q (B, 1, .), for k^R
         x = self.embed(tokens)                                                       # (B, D)
         for layer, fold, c in zip(self.layers, layers, cache):
             x = layer.decode(x, fold, c, pos, rope, bias)
-        return unit_rms(x, self.norm.eps) @ head.t()
+        return torch.mm(unit_rms(x, layers[-1].eps), head)  # every norm has cfg.norm_eps
+
+    def decode_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `decode` at positions (B, N): each (B, N, d_c + d_R), 1 and 0 over the d_c
+        latent columns, then each rope pair's cos and sin twice (interleaved, as the pairs are)."""
+        d_c, dtype = self.cfg.kv_lora_rank, self.embed.weight.dtype
+        cos = self.rope_cos[positions].repeat_interleave(2, dim=-1)                  # (B, N, d_R)
+        sin = self.rope_sin[positions].repeat_interleave(2, dim=-1)
+        return F.pad(cos, (d_c, 0), value=1.0).to(dtype), F.pad(sin, (d_c, 0)).to(dtype)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         """An empty latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer, in
@@ -817,8 +862,8 @@ class Transformer(nn.Module):
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         dtype = dtype or self.cache_dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        return [KVCache(torch.zeros(batch_size, max_len, self.cfg.kv_lora_rank, dtype=dtype, device=device),
-                        torch.zeros(batch_size, max_len, self.cfg.qk_rope_head_dim, dtype=dtype, device=device))
+        width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        return [KVCache(torch.zeros(batch_size, max_len, width, dtype=dtype, device=device), self.cfg.kv_lora_rank)
                 for _ in self.layers]
 
     def _positions_and_mask(self, B, T, start_pos, key_mask, device, dtype):
@@ -1025,7 +1070,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if fold:
         folded = model.fold(B)
         positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(max_new_tokens, device=device)  # (B, N)
-        rope = torch.complex(model.rope_cos.float(), model.rope_sin.float())[positions]  # (B, N, d_R/2)
+        cos, sin = model.decode_rope(positions)                                        # (B, N, d_c + d_R)
         bias = torch.zeros(B, 1, P + max_new_tokens, dtype=model.embed.weight.dtype, device=device)
         bias.masked_fill_(~key_mask.unsqueeze(1), float("-inf"))                   # (B, 1, S) additive mask
     was_training = model.training
@@ -1036,7 +1081,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logits = model(distinct[:, :P], key_mask=distinct[:, P:].bool(), cache=prefill,
                            attn_impl=attn_impl).logits[:, -1][rows]                  # (B, V)
             for c, d in zip(cache, prefill):  # each completion decodes on its own copy of its prompt's rows
-                c.kv[:, :P], c.pe[:, :P] = d.kv[rows], d.pe[rows]
+                c.latent[:, :P] = d.latent[rows]
         else:
             logits = model(prompt_tokens, key_mask=key_mask[:, :P], cache=cache, attn_impl=attn_impl).logits[:, -1]
         for t in range(max_new_tokens):
@@ -1054,7 +1099,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             if bool(finished) or t == max_new_tokens - 1:
                 break
             if fold:
-                logits = model.decode(tokens[:, t], folded, cache, P + t, rope[:, t], bias[..., :P + t + 1])
+                logits = model.decode(tokens[:, t], folded, cache, P + t, (cos[:, t], sin[:, t]), bias[..., :P + t + 1])
             else:
                 logits = model(tokens[:, t:t + 1], key_mask=key_mask[:, :P + t + 1], cache=cache,
                                start_pos=P + t, attn_impl=attn_impl).logits[:, -1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (MoE, ModelConfig, Transformer, count_parameters, dense_config, generate,
-                   get_config, sample_token, sequence_balance_loss, yarn_frequencies)
+from model import (MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config, generate,
+                   get_config, rope_swap, sample_token, sequence_balance_loss, unit_rms, yarn_frequencies)
 
 # The micro preset and its V2-style variant (softmax routing, no router bias, no q_lora).
 VARIANTS = {
@@ -109,6 +109,28 @@ def test_yarn_is_off_without_a_rope_factor():
     assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim ** -0.5)
 
 
+def test_swapped_rows_rotate_like_the_complex_product():
+    # The folded step rotates y = W x as y cos + (swap(W) x) sin, with cos and sin repeated per pair:
+    # the same as apply_rope's complex multiplication, pair by pair.
+    model = micro()
+    w, x = torch.randn(8, 20), torch.randn(5, 20)
+    positions = torch.tensor([0, 3, 17, 64, 127])
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]         # (5, 4)
+    expected = apply_rope((x @ w.t()).view(5, 1, 1, 8), cos.unsqueeze(1), sin.unsqueeze(1)).view(5, 8)
+    got = (x @ w.t()) * cos.repeat_interleave(2, dim=-1) + (x @ rope_swap(w).t()) * sin.repeat_interleave(2, dim=-1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(rope_swap(rope_swap(w)), -w)  # two quarter turns
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rms_is_rmsnorm_without_its_weight(dtype):
+    x = torch.randn(6, 32).to(dtype) * torch.logspace(-4, 2, 6).unsqueeze(1).to(dtype)  # norms far below and above eps
+    got = unit_rms(x, torch.tensor(1e-6))
+    assert got.dtype == dtype
+    expected = F.rms_norm(x.float(), (32,), eps=1e-6).to(dtype)
+    assert torch.allclose(got.float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 
@@ -168,9 +190,9 @@ def test_folded_decode_step_equals_the_absorbed_forward(variant):
         layers, head = model.fold(B)
         assert all((f.w_ffn_in is None) == (variant == "many rows") for f in layers[1:])
         positions = key_mask.sum(dim=1) - 1
-        rope = torch.complex(model.rope_cos, model.rope_sin)[positions]
+        cos, sin = model.decode_rope(positions.unsqueeze(1))                      # (B, 1, d_c + d_R)
         bias = torch.zeros(B, 1, 13).masked_fill_(~key_mask.unsqueeze(1), float("-inf"))
-        folded = model.decode(x[:, 12], (layers, head), folded_cache, 12, rope, bias)
+        folded = model.decode(x[:, 12], (layers, head), folded_cache, 12, (cos[:, 0], sin[:, 0]), bias)
     assert torch.allclose(folded, step, atol=1e-5)
     for c, f in zip(cache, folded_cache):
         assert torch.allclose(c.kv, f.kv, atol=1e-6) and torch.allclose(c.pe, f.pe, atol=1e-6)
