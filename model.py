@@ -317,7 +317,7 @@ class KVCache:
     A plain class, not a dataclass: FSDP2 rebuilds dataclass arguments around tensors that need
     gradients, and the cache must stay the caller's object, written in place.
     """
-    __slots__ = ("latent", "kv_lora_rank")
+    __slots__ = ("kv_lora_rank", "latent")
 
     def __init__(self, latent: torch.Tensor, kv_lora_rank: int):
         self.latent = latent                                    # (B, S_max, kv_lora_rank + qk_rope_head_dim)
@@ -618,7 +618,7 @@ class MoE(nn.Module):
         [gate; w1 of experts 1..N_r, shared; w3 likewise] (times the RMSNorm weight) and the w2s stacked
         along their inputs, so that sum_e g_e w2_e h_e is one product over (e, i) with g = 1 for shared;
         `gates` holds those g before routing: 0 for the routed experts, 1 for the shared ones."""
-        E, inter, D = self.experts.w1.shape
+        E, inter = self.experts.w1.shape[:2]
         w1, w3 = [self.experts.w1.flatten(0, 1)], [self.experts.w3.flatten(0, 1)]   # (E I, D)
         w2 = [self.experts.w2.transpose(1, 2).flatten(0, 1)]                         # (E I, D), w2_e^T stacked
         if self.shared_experts is not None:
