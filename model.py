@@ -323,8 +323,9 @@ class KVCache:
         self.latent = latent                                    # (B, S_max, kv_lora_rank + qk_rope_head_dim)
         self.kv_lora_rank = kv_lora_rank
 
-    # Views made on each use: a view kept from before a write that records autograd history (a prefill
-    # with gradients) could not be written in place after it.
+    # Views made on each use rather than kept: with kv and pe kept from construction, a prefill with
+    # gradients failed on its second write (the first gives the buffer autograd history, and autograd
+    # then refuses in-place writes through the older view).
     @property
     def kv(self) -> torch.Tensor:
         return self.latent[..., :self.kv_lora_rank]             # (B, S_max, kv_lora_rank)
@@ -462,7 +463,8 @@ class MLA(nn.Module):
             q = torch.mm(unit_rms(c_q, fold.eps), fold.w_q)
         cos_q, sin_q, cos_k, sin_k = rope
         q = q.view(B, H, d_c + 2 * d_R)                                             # [q^C; q^R; swap(q^R)] per head
-        # [q^C; q^R cos + swap(q^R) sin]: over the first d_c columns the sin term is some q^C times 0.
+        # [q^C; q^R cos + swap(q^R) sin]: over the first d_c columns sin is 0, so the shifted slice's
+        # columns there (whatever they hold) drop out.
         q = torch.addcmul(q[..., :d_c + d_R] * cos_q, q[..., d_R:], sin_q)           # (B, H, d_c + d_R)
         k_r = torch.addcmul(k_pe * cos_k, k_swap, sin_k)                              # k^R, eq. 3
         cache.latent[:B, pos] = torch.cat([unit_rms(kv, fold.eps) * fold.kv_norm, k_r], dim=-1)  # [c^KV; k^R]
@@ -811,13 +813,14 @@ class Transformer(nn.Module):
             moe.update_bias(gamma)
 
     def folding_pays(self) -> bool:
-        """Whether the folded query and output matrices hold fewer values than the ones they replace
-        (wq_b or wq, wkv_b, wo): so for small models like `tiny`, where a decode step is bound by
-        reading weights and launching kernels; not for `full`, whose folded query matrix
-        [W^UK^T W^UQ; W^QR] would be 3x wq_b."""
+        """Whether the folded query and output matrices (and the swap(W^KR) rows) hold fewer values
+        than the ones they replace (wq_b or wq, wkv_b, wo): so for small models like `tiny`, where a
+        decode step is bound by reading weights and launching kernels; not for `full`, whose folded
+        query matrix [W^UK^T W^UQ; W^QR; swap(W^QR)] would be 3.3x wq_b."""
         c = self.cfg
         q_in = c.q_lora_rank or c.dim
-        folded = c.n_heads * (c.kv_lora_rank + c.qk_rope_head_dim) * q_in + c.dim * c.n_heads * c.kv_lora_rank
+        folded = (c.n_heads * (c.kv_lora_rank + 2 * c.qk_rope_head_dim) * q_in + c.dim * c.n_heads * c.kv_lora_rank
+                  + c.qk_rope_head_dim * c.dim)
         plain = (c.n_heads * c.qk_head_dim * q_in + c.dim * c.n_heads * c.v_head_dim
                  + c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank)
         return folded <= plain
@@ -831,8 +834,9 @@ class Transformer(nn.Module):
 
     def decode(self, tokens: torch.Tensor, folded: tuple[list[Folded], torch.Tensor], cache: list[KVCache],
                pos: int, rope: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-        """One decode step with folded weights: tokens (B,) at cache position pos; rope the step's
-        (cos, sin) of `decode_rope`; bias (B, 1, pos + 1) additive mask. Returns (B, V) logits.
+        """One decode step with folded weights: tokens (B,) at cache position pos; rope this step's
+        (cos, sin), (B, d_c + d_R) each, a slice [:, t] of `decode_rope`'s; bias (B, 1, pos + 1)
+        additive mask. Returns (B, V) logits.
 
         The absorbed attention's step as `forward` takes it, with about half the matrix products: every
         product that does not depend on the token is multiplied out in `fold`.
