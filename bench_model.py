@@ -127,6 +127,33 @@ def hf_cache_bytes_per_token(cache) -> float:
 
 
 # -------------------------------------------------------------------------------------------------
+# Where a training step's time goes
+
+OP_KINDS = {  # torch.profiler operator names by kind; anything else is "the rest"
+    "mm": ("aten::mm", "aten::addmm", "aten::_grouped_mm"),
+    "bmm": ("aten::bmm", "aten::baddbmm"),
+    "SDPA kernels": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                     "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "softmax, log-softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::_log_softmax",
+                             "aten::_log_softmax_backward_data"),
+}
+
+
+def time_by_kind(step: Callable[[], object]) -> dict[str, float]:
+    """Self CPU seconds of one call of step by kind of operator (OP_KINDS), and the number of operator
+    calls. The profiler adds a little to every call, so "the rest" (many small calls) reads high."""
+    with torch.profiler.profile() as prof:
+        step()
+    seconds = dict.fromkeys([*OP_KINDS, "the rest"], 0.0)
+    calls = 0
+    for event in prof.key_averages():
+        kind = next((k for k, names in OP_KINDS.items() if event.key in names), "the rest")
+        seconds[kind] += event.self_cpu_time_total / 1e6
+        calls += event.count
+    return {**seconds, "total": sum(seconds.values()), "calls": calls}
+
+
+# -------------------------------------------------------------------------------------------------
 # The benchmark
 
 def bench_experts(model: Transformer, reps: int) -> dict:
@@ -234,6 +261,12 @@ def bench(args) -> dict:
                           "mfu": {clock: rate[clock] * flops / peak[clock] for clock in CLOCKS},
                           "all_seconds": times[name]}
     report["training"] = training
+    # One profiled step of ours (MTP off) and of the fastest transformers variant: what each spends on
+    # the products both run with the same FLOPs, on attention, and on everything else.
+    fastest = max((k for k in training if not k.startswith("ours")), key=lambda k: training[k]["tokens_per_s"][report["clock"]])
+    report["training_profile"] = {"ours, MTP off": time_by_kind(runs["ours, MTP off"]),
+                                  fastest: time_by_kind(runs[fastest]),
+                                  "mm_flops": 6 * (counts["active"] - counts["embedding"]) * B * T}
 
     # Sampling: same prompts, N new tokens each, temperature 1, no stop token.
     prompts = torch.randint(2, cfg.vocab_size, (B, P))
@@ -329,6 +362,18 @@ def print_report(r: dict):
         s, rate = v["seconds_per_step"], v["tokens_per_s"]
         print(f"  {name:<46} {s[clock]:>8.3f} {rate[clock]:>9,.0f} {v['mfu'][clock]:>6.1%} {s[other]:>8.3f} "
               f"{rate[other]:>9,.0f} {v['flops_per_token'] / 1e9:>10.5f}")
+    prof = r["training_profile"]
+    names = [k for k in prof if k != "mm_flops"]
+    print(f"  one profiled step each, self CPU ms by operator ({prof[names[0]]['calls']:,} and "
+          f"{prof[names[1]]['calls']:,} operator calls; profiling inflates small calls):")
+    print(f"    {'':<22}" + "".join(f"{name:>46}" for name in names))
+    for kind in [*OP_KINDS, "the rest", "total"]:
+        cells = ""
+        for name in names:
+            ms = prof[name][kind] * 1e3
+            rate = f" ({prof['mm_flops'] / prof[name][kind] / 1e9:.0f} GFLOP/s)" if kind == "mm" and ms else ""
+            cells += f"{f'{ms:,.0f}{rate}':>46}"
+        print(f"    {kind:<22}" + cells)
     print()
     print(f"sampling: {c['batch']} prompts x {c['prompt_len']} tokens, {c['new_tokens']} new tokens, "
           f"temperature 1, median of {c['sample_reps']} interleaved runs")
@@ -372,7 +417,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per prompt")
     parser.add_argument("--steps", type=int, default=7, help="timed training steps per variant")
-    parser.add_argument("--sample-reps", type=int, default=5, help="timed generate calls per variant")
+    parser.add_argument("--sample-reps", type=int, default=9, help="timed generate calls per variant")
     parser.add_argument("--expert-reps", type=int, default=50, help="timed calls per routed-experts path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
