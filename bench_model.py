@@ -264,8 +264,7 @@ def bench(args) -> dict:
     # One profiled step of ours (MTP off) and of the fastest transformers variant: what each spends on
     # the products both run with the same FLOPs, on attention, and on everything else.
     fastest = max((k for k in training if not k.startswith("ours")), key=lambda k: training[k]["tokens_per_s"][report["clock"]])
-    report["training_profile"] = {"ours, MTP off": time_by_kind(runs["ours, MTP off"]),
-                                  fastest: time_by_kind(runs[fastest]),
+    report["training_profile"] = {"steps": {name: time_by_kind(runs[name]) for name in ("ours, MTP off", fastest)},
                                   "mm_flops": 6 * (counts["active"] - counts["embedding"]) * B * T}
 
     # Sampling: same prompts, N new tokens each, temperature 1, no stop token.
@@ -362,17 +361,16 @@ def print_report(r: dict):
         s, rate = v["seconds_per_step"], v["tokens_per_s"]
         print(f"  {name:<46} {s[clock]:>8.3f} {rate[clock]:>9,.0f} {v['mfu'][clock]:>6.1%} {s[other]:>8.3f} "
               f"{rate[other]:>9,.0f} {v['flops_per_token'] / 1e9:>10.5f}")
-    prof = r["training_profile"]
-    names = [k for k in prof if k != "mm_flops"]
-    print(f"  one profiled step each, self CPU ms by operator ({prof[names[0]]['calls']:,} and "
-          f"{prof[names[1]]['calls']:,} operator calls; profiling inflates small calls):")
-    print(f"    {'':<22}" + "".join(f"{name:>46}" for name in names))
+    steps, mm_flops = r["training_profile"]["steps"], r["training_profile"]["mm_flops"]
+    calls = " and ".join(f"{s['calls']:,}" for s in steps.values())
+    print(f"  one profiled step each, self CPU ms by operator ({calls} operator calls; profiling inflates "
+          "small calls):")
+    print(f"    {'':<22}" + "".join(f"{name:>46}" for name in steps))
     for kind in [*OP_KINDS, "the rest", "total"]:
         cells = ""
-        for name in names:
-            ms = prof[name][kind] * 1e3
-            rate = f" ({prof['mm_flops'] / prof[name][kind] / 1e9:.0f} GFLOP/s)" if kind == "mm" and ms else ""
-            cells += f"{f'{ms:,.0f}{rate}':>46}"
+        for s in steps.values():
+            rate = f" ({mm_flops / s[kind] / 1e9:.0f} GFLOP/s)" if kind == "mm" and s[kind] else ""
+            cells += f"{f'{s[kind] * 1e3:,.0f}{rate}':>46}"
         print(f"    {kind:<22}" + cells)
     print()
     print(f"sampling: {c['batch']} prompts x {c['prompt_len']} tokens, {c['new_tokens']} new tokens, "

@@ -172,7 +172,7 @@ def completion_logprobs(model: Transformer, prompt_tokens, prompt_mask, tokens, 
         logits = model(distinct[:, :P], key_mask=distinct[:, P:].bool(),
                        cache=prompt_cache).logits[:, -1:][rows]              # predicts o_1: (B, 1, V)
         if N > 1:  # o_N is only a target, never an input
-            cache = [KVCache(F.pad(c.latent[rows], (0, 0, 0, N - 1)), c.kv.shape[-1])
+            cache = [KVCache(F.pad(c.latent[rows], (0, 0, 0, N - 1)), c.kv_lora_rank)
                      for c in prompt_cache]                                  # (B, P + N - 1, d_c + d_R)
             key_mask = torch.cat([prompt_mask, mask[:, :-1]], dim=1)
             # Absorbed attention: N - 1 queries against P + N - 1 cached latents, where expanding every
