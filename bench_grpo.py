@@ -198,7 +198,8 @@ def make_trl_trainer(checkpoint: str, hf_tok, problems: list, args, tmp: str, be
         generation_kwargs={"min_new_tokens": args.max_new_tokens}, max_steps=args.steps + 1,
         shuffle_dataset=False, use_vllm=False, bf16=False, fp16=False, gradient_checkpointing=False,
         use_cpu=True, dataloader_num_workers=0, report_to=[], logging_steps=1, save_strategy="no",
-        disable_tqdm=True, log_completions=False, seed=args.seed)
+        disable_tqdm=True, log_completions=False, seed=args.seed,
+        optim="adamw_torch_fused")  # the fused AdamW that ours uses too
     interleave = Interleave()
     trainer = TimedTrainer(model=model, reward_funcs=[reward_fn(s) for s in specs], args=config,
                            train_dataset=data, processing_class=hf_tok, callbacks=[interleave])

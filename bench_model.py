@@ -227,7 +227,7 @@ def bench(args) -> dict:
     runs = {}
     for mtp in (False, True):
         model = copy.deepcopy(ours).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step(model=model, opt=opt, mtp=mtp):
             model(inputs, targets, mtp=mtp).loss.backward()
@@ -237,7 +237,7 @@ def bench(args) -> dict:
         runs[f"ours, MTP {'on' if mtp else 'off'}"] = step
     for name, hf in hf_models.items():
         hf.train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
         def step(hf=hf, opt=opt):
             hf(input_ids=inputs, labels=inputs).loss.backward()  # transformers shifts the labels itself

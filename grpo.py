@@ -263,7 +263,7 @@ class GRPO:
             # each rank would refill a different number of times and keep a different number of
             # groups: FSDP's collectives and the loss normalisers need the same on every rank
             raise ValueError("dynamic_sampling is not supported under torchrun (world size > 1) yet")
-        self.optimizer = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
+        self.optimizer = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr, fused=True,
                                                         weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.ref = self._frozen_copy(make_reference) if cfg.beta > 0 else None
         self.generator = torch.Generator(device=policy.embed.weight.device).manual_seed(seed)

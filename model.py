@@ -285,6 +285,68 @@ def in_out(rows: list[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
     return torch.cat([r.t() for r in rows], dim=1).mul_(norm.unsqueeze(1))
 
 
+# Queries per block of `BlockedAttention`, and the most probabilities (B H T S) it materialises per
+# layer; beyond that, or off the CPU, or in half precision, attention runs in SDPA's fused kernels.
+ATTENTION_BLOCK = 64
+BLOCKED_ATTENTION_MAX_PROBS = 2 ** 27
+
+
+def blocked_attention_pays(q: torch.Tensor, n_keys: int) -> bool:
+    """Whether `BlockedAttention` runs for queries q (B, H, T, d) against n_keys keys."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and q.shape[0] * q.shape[1] * q.shape[2] * n_keys <= BLOCKED_ATTENTION_MAX_PROBS)
+
+
+class BlockedAttention(torch.autograd.Function):
+    """Causal softmax(scale q k^T + mask) v with materialised probabilities, one block of queries at a
+    time: the block of queries [s, e) is scored only against the keys it can see, [0, S - T + e), so
+    about half of the causal triangle's work is skipped, and the backward reuses the saved
+    probabilities. On one CPU core this is faster than SDPA's flash kernel at training shapes, whose
+    backward recomputes the probabilities (the README's model benchmark); it needs no padding of v.
+
+    q (B, H, T, d), k (B, H, S, d), v (B, H, S, d_v), all contiguous; query t sits at position S - T + t.
+    mask: None or additive (B, 1, T, S), added on top of causality (padding). Returns (B, H, T, d_v).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float, block: int):
+        B, H, T, S = *q.shape[:3], k.shape[2]
+        q, k, v = q.view(B * H, T, -1), k.view(B * H, S, -1), v.view(B * H, S, -1)
+        causal = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
+        probs, outs = [], []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            keys = S - T + e
+            p = torch.baddbmm(causal[s:e, :keys], q[:, s:e], k[:, :keys].transpose(1, 2), alpha=scale)
+            if mask is not None:
+                p.view(B, H, e - s, keys).add_(mask[:, :, s:e, :keys])
+            p = p.softmax(dim=-1)                                                  # (B H, e - s, keys)
+            outs.append(torch.bmm(p, v[:, :keys]))                                 # (B H, e - s, d_v)
+            probs.append(p)
+        o = torch.cat(outs, dim=1)                                                 # (B H, T, d_v)
+        ctx.save_for_backward(q, k, v, o, *probs)
+        ctx.scale, ctx.block = scale, block
+        return o.view(B, H, T, -1)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *probs = ctx.saved_tensors
+        B, H, T, S = *do.shape[:3], k.shape[1]
+        do = do.reshape(B * H, T, -1)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        delta = (do * o).sum(dim=-1, keepdim=True)                                  # rowsum(dO * O) = rowsum(P * dP)
+        dq = []
+        for p, s in zip(probs, range(0, T, ctx.block)):
+            e = min(s + ctx.block, T)
+            keys = S - T + e
+            dv[:, :keys] += torch.bmm(p.transpose(1, 2), do[:, s:e])
+            ds = torch.bmm(do[:, s:e], v[:, :keys].transpose(1, 2)).sub_(delta[:, s:e]).mul_(p)  # softmax backward
+            dq.append(torch.bmm(ds, k[:, :keys]))
+            dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q[:, s:e])
+        dq = torch.cat(dq, dim=1).mul_(ctx.scale)
+        return dq.view(B, H, T, -1), dk.mul_(ctx.scale).view(B, H, S, -1), dv.view(B, H, S, -1), None, None, None
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense FFN or the shared experts (the routed
     experts are the same function with stacked weights, `Experts`)."""
@@ -384,13 +446,16 @@ class MLA(nn.Module):
         if attn_impl == "naive":
             kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, 192)
-            q = torch.cat([q_nope, q_pe], dim=-1)                                       # (B, T, H, 192)
-            if self.v_head_dim < self.qk_head_dim:  # SDPA's fused kernels want one head dim for q, k, v
-                v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))                   # (B, S, H, 192)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=is_causal, scale=self.softmax_scale)[..., :self.v_head_dim]   # (B, H, T, d_v)
+            k = torch.cat([k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, 192)
+            q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)                   # (B, H, T, 192)
+            v = v.transpose(1, 2)                                                                   # (B, H, S, d_v)
+            if blocked_attention_pays(q, S):
+                o = BlockedAttention.apply(q, k, v.contiguous(), mask, self.softmax_scale, ATTENTION_BLOCK)
+            else:
+                if self.v_head_dim < self.qk_head_dim:  # SDPA's fused kernels want one head dim for q, k, v
+                    v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))                           # (B, H, S, 192)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                   scale=self.softmax_scale)[..., :self.v_head_dim]  # (B, H, T, d_v)
         elif attn_impl == "absorbed":
             wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)                   # (H, d_h + d_v, d_c)
             w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
@@ -571,10 +636,10 @@ class Experts(nn.Module):
         # (an expert without tokens passes its empty slice through uncomputed). unbind rather than
         # w1[e]: its backward stacks the E gradients once instead of summing E full-size ones.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        chunks = x[token_of].split(counts)                                           # (n_e, D) per expert
+        chunks = x.index_select(0, token_of).split(counts)                           # (n_e, D) per expert
         out = torch.cat([F.linear(F.silu(F.linear(c, w1[e])) * F.linear(c, w3[e]), w2[e]) if len(c) else c
                          for e, c in enumerate(chunks)])                             # (N*K, D)
-        out = out * weights.flatten()[order].unsqueeze(1)
+        out = out * weights.flatten().index_select(0, order).unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, out.type_as(x))
 
 

@@ -447,7 +447,8 @@ def train_sft(run: Run, stage: str, model: Transformer, examples: list[tuple[lis
     env = run.env
     if cfg.batch_size % env.world_size:
         raise ValueError(f"stage {stage}: batch_size {cfg.batch_size} is not divisible by {env.world_size} ranks")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                            fused=True)  # one kernel over all parameters rather than several calls per parameter
     start = run.restore(stage, False, model, opt)
     if start is not None:
         run.truncate_metrics(stage, start)

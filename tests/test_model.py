@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config, generate,
+import model as model_module
+from model import (BlockedAttention, MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config, generate,
                    get_config, rope_swap, sample_token, sequence_balance_loss, unit_rms, yarn_frequencies)
 
 # The micro preset and its V2-style variant (softmax routing, no router bias, no q_lora).
@@ -144,6 +145,53 @@ def test_attention_is_causal(variant):
         a, b = model(x, attn_impl=impl).logits, model(y, attn_impl=impl).logits
         assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
         assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def reference_attention(q, k, v, mask, scale):
+    """softmax(scale q k^T + causal at offset S - T + mask) v, written out."""
+    T, S = q.shape[2], k.shape[2]
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
+    return (scores if mask is None else scores + mask).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("T,S,block,padded", [(16, 16, 4, False), (37, 37, 8, True), (11, 20, 4, True),
+                                              (5, 5, 64, False)])
+def test_blocked_attention_equals_written_out_attention(T, S, block, padded):
+    torch.manual_seed(0)
+    B, H = 2, 3
+    q, k = torch.randn(B, H, T, 12, dtype=torch.float64), torch.randn(B, H, S, 12, dtype=torch.float64)
+    v = torch.randn(B, H, S, 7, dtype=torch.float64)
+    mask = None
+    if padded:  # the first keys of row 1 are padding; every query keeps at least its own key
+        mask = torch.zeros(B, 1, T, S, dtype=torch.float64)
+        mask[1, :, :, :3] = float("-inf")
+        mask[1, :, torch.arange(T), torch.arange(S - T, S)] = 0
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    got = BlockedAttention.apply(*inputs, mask, 0.3, block)
+    want = reference_attention(*inputs, mask, 0.3)
+    assert torch.allclose(got, want, atol=1e-12)
+    grad_out = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out)):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *x: BlockedAttention.apply(*x, mask, 0.3, block), inputs)
+
+
+def test_training_forward_and_gradients_match_with_blocked_attention_or_sdpa(monkeypatch):
+    model = micro()
+    x = torch.randint(0, 64, (3, 20))
+    key_mask = torch.ones(3, 20, dtype=torch.bool)
+    key_mask[1, :6] = False  # left padding, as in the RL batches
+    results = []
+    for limit in (model_module.BLOCKED_ATTENTION_MAX_PROBS, 0):  # 0: every layer falls back to SDPA
+        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MAX_PROBS", limit)
+        model.zero_grad()
+        out = model(x, x.roll(-1, 1), key_mask=key_mask)
+        out.loss.backward()
+        results.append((out.logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.allclose(logits_a, logits_b, atol=1e-5)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
