@@ -10,7 +10,8 @@ by `from_pretrained`; the logits are compared first).
 - KV-cache bytes per token against the MLA minimum (kv_lora_rank + qk_rope_head_dim) * bytes * layers;
 - MFU: FLOPs per token (`train_flops_per_token`) x tokens/s over an fp32 matmul peak timed in the run;
 - our routed experts' two paths (`Experts.dense`, `Experts.grouped`) by token count, which places
-  the switch between them (`Experts.dense_max_wasted_flops`).
+  the switch between them (`Experts.dense_max_wasted_flops`);
+- causal attention of one layer, `BlockedAttention` (what MLA.forward runs on CPU) against SDPA.
 Each repetition runs every variant once, alternating the order, and figures are medians, so ratios
 stay fair on a shared machine (the load average is printed). One torch thread by default (a second
 waits on cores that others hold), and then speeds are per CPU-second of this process, which other
@@ -31,10 +32,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 from hf import config_to_hf, save_hf_checkpoint
-from model import ModelConfig, Transformer, count_parameters, generate, get_config
+from model import (ATTENTION_BLOCK, BlockedAttention, ModelConfig, Transformer, count_parameters, generate,
+                   get_config)
 
 HF_ATTENTION = ("sdpa", "eager")          # transformers' default is sdpa
 HF_EXPERTS = ("grouped_mm", "eager")      # transformers' default is grouped_mm where torch has it
@@ -171,6 +174,27 @@ def bench_experts(model: Transformer, reps: int) -> dict:
             times = interleaved(runs, reps=reps, warmup=3)
         by_tokens[n] = {path: medians(times[path]) for path in runs}
     return {"by_tokens": by_tokens, "dense_up_to": experts.dense_max_wasted_flops // (6 * (E - K) * inter * D)}
+
+
+def bench_attention(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
+    """Seconds of forward + backward of one layer's causal attention, `model.BlockedAttention` against
+    SDPA (v padded to the q/k head dim, as MLA.forward does), at the training shape and at other
+    (batch, length) pairs with the same number of tokens."""
+    H, d, d_v, scale = cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.softmax_scale
+    by_shape = {}
+    for B, T in ((batch * 4, seq // 4), (batch, seq), (max(batch // 4, 1), seq * 4)):
+        q, k = torch.randn(B, H, T, d, requires_grad=True), torch.randn(B, H, T, d, requires_grad=True)
+        v = torch.randn(B, H, T, d_v, requires_grad=True)
+
+        def blocked():
+            BlockedAttention.apply(q, k, v, None, scale, ATTENTION_BLOCK).sum().backward()
+
+        def sdpa():
+            F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - d_v)), is_causal=True,
+                                           scale=scale)[..., :d_v].sum().backward()
+        times = interleaved({"blocked": blocked, "SDPA": sdpa}, reps=reps, warmup=2)
+        by_shape[f"{B} x {T}"] = {name: medians(t) for name, t in times.items()}
+    return by_shape
 
 
 def build_hf_variants(model: Transformer, tmp: str) -> dict[str, torch.nn.Module]:
@@ -332,6 +356,7 @@ def bench(args) -> dict:
         "kv_cache": ours_bytes == report["kv_cache"]["mla_minimum"],
     }
     report["experts"] = bench_experts(ours, reps=args.expert_reps)
+    report["attention"] = bench_attention(cfg, B, T, reps=args.expert_reps // 5)
     report["machine"]["load_after"] = load_avg()
     return report
 
@@ -405,6 +430,13 @@ def print_report(r: dict):
     print("  tokens   " + "".join(f"{n:>8}" for n in e["by_tokens"]))
     for path in ("dense", "grouped"):
         print(f"  {path:<8} " + "".join(f"{v[path][clock] * 1e6:>8,.0f}" for v in e["by_tokens"].values()))
+    print()
+    a = r["attention"]
+    print(f"causal attention of one layer, forward + backward, ms per call ({unit[clock]}; median of "
+          f"{c['expert_reps'] // 5}), by batch x length:")
+    print(f"  {'':<9}" + "".join(f"{shape:>12}" for shape in a))
+    for name in ("blocked", "SDPA"):
+        print(f"  {name:<9}" + "".join(f"{v[name][clock] * 1e3:>12,.1f}" for v in a.values()))
 
 
 def main():

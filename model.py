@@ -6,6 +6,8 @@ Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 241
   the mscale^2 softmax temperature. Two paths that compute the same function: "naive" materialises
   K and V (training), "absorbed" folds wkv_b into the query and the output so that the cache holds
   only the normalised latent and the rotated k_pe (kv_lora_rank + qk_rope_head_dim per token).
+  The naive path's attention runs on CPU as `BlockedAttention` (blocks of queries against only the
+  keys they can see, probabilities kept for the backward), elsewhere in SDPA's fused kernels.
 - DeepSeekMoE, eqs. 12-16: shared + routed SwiGLU experts, sigmoid (V3) or softmax (V2) affinities,
   group-limited top-k, auxiliary-loss-free balancing by a per-expert bias that changes the choice of
   experts but not their weights (eqs. 16, 17 and the bias update rule), the complementary
