@@ -82,8 +82,13 @@ def setup(device: str | None = None) -> Env:
     return Env(dev, torch.bfloat16 if use_cuda else torch.float32, rank, world, local, True)
 
 
-def teardown(env: Env):
+def teardown(env: Env, completed: bool = True):
+    """Close the process group. After a normal finish every rank first waits for the others, so that
+    none closes its connections while another still uses them (gloo aborted a rank now and then);
+    after an error (completed=False) it closes at once, since the other ranks may never arrive."""
     if env.distributed and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -444,8 +444,10 @@ def main(argv=None):
     env = parallel.setup(args.device)
     try:
         Pipeline(args, cfg, env).main()
-    finally:
-        parallel.teardown(env)
+    except BaseException:
+        parallel.teardown(env, completed=False)
+        raise
+    parallel.teardown(env)
 
 
 if __name__ == "__main__":
