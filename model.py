@@ -6,8 +6,9 @@ Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 241
   the mscale^2 softmax temperature. Two paths that compute the same function: "naive" materialises
   K and V (training), "absorbed" folds wkv_b into the query and the output so that the cache holds
   only the normalised latent and the rotated k_pe (kv_lora_rank + qk_rope_head_dim per token).
-  The naive path's attention runs on CPU as `BlockedAttention` (blocks of queries against only the
-  keys they can see, probabilities kept for the backward), elsewhere in SDPA's fused kernels.
+  The naive path's attention runs on CPU in fp32 as `BlockedAttention` (blocks of queries against
+  only the keys they can see, probabilities kept for the backward); on GPUs, in half precision and
+  beyond a size limit, in SDPA's fused kernels.
 - DeepSeekMoE, eqs. 12-16: shared + routed SwiGLU experts, sigmoid (V3) or softmax (V2) affinities,
   group-limited top-k, auxiliary-loss-free balancing by a per-expert bias that changes the choice of
   experts but not their weights (eqs. 16, 17 and the bias update rule), the complementary
@@ -287,8 +288,9 @@ def in_out(rows: list[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
     return torch.cat([r.t() for r in rows], dim=1).mul_(norm.unsqueeze(1))
 
 
-# Queries per block of `BlockedAttention`, and the most probabilities (B H T S) it materialises per
-# layer; beyond that, or off the CPU, or in half precision, attention runs in SDPA's fused kernels.
+# Queries per block of `BlockedAttention`, and the largest score rectangle B H T S it takes per layer
+# (it keeps about half of it for the backward, and every layer keeps its own); beyond that, or off
+# the CPU, or in half precision, attention runs in SDPA's fused kernels.
 ATTENTION_BLOCK = 64
 BLOCKED_ATTENTION_MAX_PROBS = 2 ** 27
 
@@ -302,18 +304,22 @@ def blocked_attention_pays(q: torch.Tensor, n_keys: int) -> bool:
 class BlockedAttention(torch.autograd.Function):
     """Causal softmax(scale q k^T + mask) v with materialised probabilities, one block of queries at a
     time: the block of queries [s, e) is scored only against the keys it can see, [0, S - T + e), so
-    about half of the causal triangle's work is skipped, and the backward reuses the saved
-    probabilities. On one CPU core this is faster than SDPA's flash kernel at training shapes, whose
-    backward recomputes the probabilities (the README's model benchmark); it needs no padding of v.
+    most of the masked upper triangle is never computed (nearly half the scores when S = T), and the
+    backward reuses the saved probabilities. On one CPU core this is faster than SDPA's flash kernel
+    at training shapes, whose backward recomputes the probabilities (the README's model benchmark);
+    it needs no padding of v.
 
-    q (B, H, T, d), k (B, H, S, d), v (B, H, S, d_v), all contiguous; query t sits at position S - T + t.
-    mask: None or additive (B, 1, T, S), added on top of causality (padding). Returns (B, H, T, d_v).
+    q (B, H, T, d), k (B, H, S, d), v (B, H, S, d_v); query t sits at position S - T + t.
+    mask: None or additive float (B, 1, T, S), added on top of causality (padding); a query that it
+    leaves no key gets a zero output, as in SDPA. Returns (B, H, T, d_v). Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, block: int):
         B, H, T, S = *q.shape[:3], k.shape[2]
-        q, k, v = q.view(B * H, T, -1), k.view(B * H, S, -1), v.view(B * H, S, -1)
+        if mask is not None and not mask.is_floating_point():
+            raise TypeError(f"BlockedAttention takes an additive float mask, got {mask.dtype}")
+        q, k, v = q.reshape(B * H, T, -1), k.reshape(B * H, S, -1), v.reshape(B * H, S, -1)
         causal = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
         probs, outs = [], []
         for s in range(0, T, block):
@@ -323,6 +329,8 @@ class BlockedAttention(torch.autograd.Function):
             if mask is not None:
                 p.view(B, H, e - s, keys).add_(mask[:, :, s:e, :keys])
             p = p.softmax(dim=-1)                                                  # (B H, e - s, keys)
+            if mask is not None:
+                p.nan_to_num_(0.0)  # a query with every key masked: 0/0 in softmax, a zero row in SDPA
             outs.append(torch.bmm(p, v[:, :keys]))                                 # (B H, e - s, d_v)
             probs.append(p)
         o = torch.cat(outs, dim=1)                                                 # (B H, T, d_v)
@@ -331,6 +339,7 @@ class BlockedAttention(torch.autograd.Function):
         return o.view(B, H, T, -1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, *probs = ctx.saved_tensors
         B, H, T, S = *do.shape[:3], k.shape[1]
@@ -426,7 +435,7 @@ class MLA(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0,
                 attn_impl: str = "naive"):
         """x: (B, T, D); cos/sin: (B, T, d_R/2); mask: (B, 1, T, S) additive (0 where a query may
-        attend, -inf elsewhere) or None for plain causal."""
+        attend, -inf elsewhere) or None for plain causal, query t at position S - T + t of the S keys."""
         B, T, _ = x.shape
         H = self.n_heads
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -444,7 +453,9 @@ class MLA(nn.Module):
             # (FSDP2 mixed precision computes in bf16 while a model's stored dtype is fp32)
             kv, k_pe = cache.kv[:B, :end].to(kv.dtype), cache.pe[:B, :end].to(k_pe.dtype)
         S = kv.shape[1]
-        is_causal = mask is None and S == T
+        if mask is None and 1 < T < S:  # causal at an offset (query t at position S - T + t) on every path
+            mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=x.device).triu_(S - T + 1)[None, None]
+        is_causal = mask is None and S == T  # SDPA's is_causal aligns query 0 with key 0
         if attn_impl == "naive":
             kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)

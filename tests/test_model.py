@@ -177,6 +177,39 @@ def test_blocked_attention_equals_written_out_attention(T, S, block, padded):
     assert torch.autograd.gradcheck(lambda *x: BlockedAttention.apply(*x, mask, 0.3, block), inputs)
 
 
+def test_blocked_attention_gives_a_query_without_keys_a_zero_row_like_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, 0, 2] = float("-inf")
+    causal = torch.full((6, 6), float("-inf")).triu(1)
+    got = BlockedAttention.apply(q, k, v, mask, 0.3, 4)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask + causal, scale=0.3)
+    assert torch.equal(got[0, :, 2], torch.zeros(2, 8)) and torch.allclose(got, want, atol=1e-6)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got.sum(), (q, k, v)))
+    with pytest.raises(TypeError, match="additive float mask"):
+        BlockedAttention.apply(q, k, v, mask == 0, 0.3, 4)
+
+
+def test_attention_without_a_mask_is_causal_at_an_offset_on_every_path(monkeypatch):
+    """A chunk of T queries after S - T cached keys, mask None: query t sits at position S - T + t."""
+    model = micro().eval()
+    attn, x = model.layers[0].attn, torch.randn(2, 12, 32)
+    positions = torch.arange(12).expand(2, 12)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    outs = []
+    for limit in (model_module.BLOCKED_ATTENTION_MAX_PROBS, 0):
+        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MAX_PROBS", limit)
+        for impl in ("naive", "absorbed"):
+            cache = model.new_cache(2, 12)[0]
+            with torch.no_grad():
+                attn(x[:, :4], cos[:, :4], sin[:, :4], None, cache, 0, impl)
+                outs.append(attn(x[:, 4:], cos[:, 4:], sin[:, 4:], None, cache, 4, impl))
+    with torch.no_grad():
+        whole = attn(x, cos, sin, None)[:, 4:]
+    assert all(torch.allclose(o, whole, atol=1e-5) for o in outs)
+
+
 def test_training_forward_and_gradients_match_with_blocked_attention_or_sdpa(monkeypatch):
     model = micro()
     x = torch.randint(0, 64, (3, 20))
