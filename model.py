@@ -295,6 +295,12 @@ ATTENTION_BLOCK = 64
 BLOCKED_ATTENTION_MAX_PROBS = 2 ** 27
 
 
+def causal_bias(T: int, S: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive (T, S) causal mask for T queries after S - T earlier keys: query t, at position
+    S - T + t, sees keys 0..S - T + t (0) and not the later ones (-inf)."""
+    return torch.full((T, S), float("-inf"), dtype=dtype, device=device).triu_(S - T + 1)
+
+
 def blocked_attention_pays(q: torch.Tensor, n_keys: int) -> bool:
     """Whether `BlockedAttention` runs for queries q (B, H, T, d) against n_keys keys."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
@@ -320,7 +326,7 @@ class BlockedAttention(torch.autograd.Function):
         if mask is not None and not mask.is_floating_point():
             raise TypeError(f"BlockedAttention takes an additive float mask, got {mask.dtype}")
         q, k, v = q.reshape(B * H, T, -1), k.reshape(B * H, S, -1), v.reshape(B * H, S, -1)
-        causal = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(S - T + 1)
+        causal = causal_bias(T, S, q.dtype, q.device)
         probs, outs = [], []
         for s in range(0, T, block):
             e = min(s + block, T)
@@ -454,7 +460,7 @@ class MLA(nn.Module):
             kv, k_pe = cache.kv[:B, :end].to(kv.dtype), cache.pe[:B, :end].to(k_pe.dtype)
         S = kv.shape[1]
         if mask is None and 1 < T < S:  # causal at an offset (query t at position S - T + t) on every path
-            mask = torch.full((T, S), float("-inf"), dtype=q.dtype, device=x.device).triu_(S - T + 1)[None, None]
+            mask = causal_bias(T, S, q.dtype, x.device)[None, None]                 # (1, 1, T, S)
         is_causal = mask is None and S == T  # SDPA's is_causal aligns query 0 with key 0
         if attn_impl == "naive":
             kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
