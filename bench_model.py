@@ -231,6 +231,7 @@ def bench(args) -> dict:
         "clock": "cpu" if torch.get_num_threads() == 1 else "wall",
         "config": {"size": args.size, "batch": B, "seq": T, "prompt_len": P, "new_tokens": N,
                    "steps": args.steps, "sample_reps": args.sample_reps, "expert_reps": args.expert_reps,
+                   "attention_reps": args.attention_reps,
                    **counts},
     }
     report["machine"]["transformers"] = transformers.__version__
@@ -356,7 +357,7 @@ def bench(args) -> dict:
         "kv_cache": ours_bytes == report["kv_cache"]["mla_minimum"],
     }
     report["experts"] = bench_experts(ours, reps=args.expert_reps)
-    report["attention"] = bench_attention(cfg, B, T, reps=args.expert_reps // 5)
+    report["attention"] = bench_attention(cfg, B, T, reps=args.attention_reps)
     report["machine"]["load_after"] = load_avg()
     return report
 
@@ -433,7 +434,7 @@ def print_report(r: dict):
     print()
     a = r["attention"]
     print(f"causal attention of one layer, forward + backward, ms per call ({unit[clock]}; median of "
-          f"{c['expert_reps'] // 5}), by batch x length:")
+          f"{c['attention_reps']}), by batch x length:")
     print(f"  {'':<9}" + "".join(f"{shape:>12}" for shape in a))
     for name in ("blocked", "SDPA"):
         print(f"  {name:<9}" + "".join(f"{v[name][clock] * 1e3:>12,.1f}" for v in a.values()))
@@ -449,6 +450,7 @@ def main():
     parser.add_argument("--steps", type=int, default=7, help="timed training steps per variant")
     parser.add_argument("--sample-reps", type=int, default=9, help="timed generate calls per variant")
     parser.add_argument("--expert-reps", type=int, default=50, help="timed calls per routed-experts path")
+    parser.add_argument("--attention-reps", type=int, default=10, help="timed calls per attention kernel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers to this file")

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import (BlockedAttention, MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config, generate,
-                   get_config, rope_swap, sample_token, sequence_balance_loss, unit_rms, yarn_frequencies)
+from model import (BlockedAttention, MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config,
+                   generate, get_config, rope_swap, sample_token, sequence_balance_loss, unit_rms,
+                   yarn_frequencies)
 
 # The micro preset and its V2-style variant (softmax routing, no router bias, no q_lora).
 VARIANTS = {
@@ -147,6 +148,13 @@ def test_attention_is_causal(variant):
         assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def each_attention_kernel(monkeypatch):
+    """Yields twice: with `BlockedAttention` where it pays (the default), then with SDPA everywhere."""
+    for limit in (model_module.BLOCKED_ATTENTION_MAX_PROBS, 0):
+        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MAX_PROBS", limit)
+        yield
+
+
 def reference_attention(q, k, v, mask, scale):
     """softmax(scale q k^T + causal at offset S - T + mask) v, written out."""
     T, S = q.shape[2], k.shape[2]
@@ -198,8 +206,7 @@ def test_attention_without_a_mask_is_causal_at_an_offset_on_every_path(monkeypat
     positions = torch.arange(12).expand(2, 12)
     cos, sin = model.rope_cos[positions], model.rope_sin[positions]
     outs = []
-    for limit in (model_module.BLOCKED_ATTENTION_MAX_PROBS, 0):
-        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MAX_PROBS", limit)
+    for _ in each_attention_kernel(monkeypatch):
         for impl in ("naive", "absorbed"):
             cache = model.new_cache(2, 12)[0]
             with torch.no_grad():
@@ -216,8 +223,7 @@ def test_training_forward_and_gradients_match_with_blocked_attention_or_sdpa(mon
     key_mask = torch.ones(3, 20, dtype=torch.bool)
     key_mask[1, :6] = False  # left padding, as in the RL batches
     results = []
-    for limit in (model_module.BLOCKED_ATTENTION_MAX_PROBS, 0):  # 0: every layer falls back to SDPA
-        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MAX_PROBS", limit)
+    for _ in each_attention_kernel(monkeypatch):
         model.zero_grad()
         out = model(x, x.roll(-1, 1), key_mask=key_mask)
         out.loss.backward()
