@@ -307,61 +307,89 @@ def blocked_attention_pays(q: torch.Tensor, n_keys: int) -> bool:
             and q.shape[0] * q.shape[1] * q.shape[2] * n_keys <= BLOCKED_ATTENTION_MAX_PROBS)
 
 
-class BlockedAttention(torch.autograd.Function):
-    """Causal softmax(scale q k^T + mask) v with materialised probabilities, one block of queries at a
-    time: the block of queries [s, e) is scored only against the keys it can see, [0, S - T + e), so
-    most of the masked upper triangle is never computed (nearly half the scores when S = T), and the
-    backward reuses the saved probabilities. On one CPU core this is faster than SDPA's flash kernel
-    at training shapes, whose backward recomputes the probabilities (the README's model benchmark);
-    it needs no padding of v.
+def folding_pays(cfg: ModelConfig) -> bool:
+    """Whether the absorbed attention's folded query and output matrices (`MLA.absorbed_weights`,
+    with the swap(W^KR) rows of a decode step) hold no more values than the ones they replace (wq_b
+    or wq, wkv_b, wo), and so cost no more FLOPs per token: for small models like `tiny`, where
+    d_c is as wide as a head; not for `full`, whose folded query matrix would be 3.3x wq_b."""
+    q_in = cfg.q_lora_rank or cfg.dim
+    H, d_c, d_R = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    folded = H * (d_c + 2 * d_R) * q_in + cfg.dim * H * d_c + d_R * cfg.dim
+    plain = H * cfg.qk_head_dim * q_in + cfg.dim * H * cfg.v_head_dim + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * d_c
+    return folded <= plain
 
-    q (B, H, T, d), k (B, H, S, d), v (B, H, S, d_v); query t sits at position S - T + t.
+
+def absorbed_training_pays(cfg: ModelConfig) -> bool:
+    """Whether the absorbed attention, with folded weights, trains with no more FLOPs than the naive
+    one: per token (`folding_pays`) and per (query, key) pair, d_c + d_R for the score and d_c for the
+    value against d_h + d_R and d_v. So for `tiny` (d_c = d_h = d_v) but not for `full` (d_c = 4 d_h)."""
+    return folding_pays(cfg) and 2 * cfg.kv_lora_rank <= cfg.qk_nope_head_dim + cfg.v_head_dim
+
+
+class BlockedAttention(torch.autograd.Function):
+    """Causal softmax(scale q k^T + mask) v with materialised probabilities, one block of query
+    positions at a time: the queries at positions [s, e) are scored only against the keys they can
+    see, [0, S - T + e), so most of the masked upper triangle is never computed (nearly half the
+    scores when S = T), and the backward reuses the saved probabilities. On one CPU core this is
+    faster than SDPA's flash kernel at training shapes, whose backward recomputes the probabilities
+    (the README's model benchmark); it needs no padding of v.
+
+    q (B, H_k, T, G, d): G query heads share each of the H_k key heads. Multi-head attention is
+    G = 1; the absorbed MLA is H_k = 1, G = n_heads: every head scores the one latent key [c; k^R],
+    so the heads of a block of positions go through one product with the keys (G times the rows).
+    k (B, H_k, S, d), v (B, H_k, S, d_v); query t sits at position S - T + t.
     mask: None or additive float (B, 1, T, S), added on top of causality (padding); a query that it
-    leaves no key gets a zero output, as in SDPA. Returns (B, H, T, d_v). Not twice differentiable.
+    leaves no key gets a zero output, as in SDPA. Returns (B, H_k, T, G, d_v). Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, block: int):
-        B, H, T, S = *q.shape[:3], k.shape[2]
+        B, H_k, T, G = q.shape[:4]
+        S = k.shape[2]
         if mask is not None and not mask.is_floating_point():
             raise TypeError(f"BlockedAttention takes an additive float mask, got {mask.dtype}")
-        q, k, v = q.reshape(B * H, T, -1), k.reshape(B * H, S, -1), v.reshape(B * H, S, -1)
+        q = q.reshape(B * H_k, T * G, -1)                       # row t G + g: head g at position t
+        k, v = k.reshape(B * H_k, S, -1), v.reshape(B * H_k, S, -1)
         causal = causal_bias(T, S, q.dtype, q.device)
+        if G > 1:
+            causal = causal.repeat_interleave(G, dim=0)                            # (T G, S)
         probs, outs = [], []
         for s in range(0, T, block):
             e = min(s + block, T)
-            keys = S - T + e
-            p = torch.baddbmm(causal[s:e, :keys], q[:, s:e], k[:, :keys].transpose(1, 2), alpha=scale)
+            keys, rows = S - T + e, slice(s * G, e * G)
+            p = torch.baddbmm(causal[rows, :keys], q[:, rows], k[:, :keys].transpose(1, 2), alpha=scale)
             if mask is not None:
-                p.view(B, H, e - s, keys).add_(mask[:, :, s:e, :keys])
-            p = p.softmax(dim=-1)                                                  # (B H, e - s, keys)
+                p.view(B, H_k, e - s, G, keys).add_(mask[:, :, s:e, None, :keys])
+            p = p.softmax(dim=-1)                                                  # (B H_k, (e - s) G, keys)
             if mask is not None:
                 p.nan_to_num_(0.0)  # a query with every key masked: 0/0 in softmax, a zero row in SDPA
-            outs.append(torch.bmm(p, v[:, :keys]))                                 # (B H, e - s, d_v)
+            outs.append(torch.bmm(p, v[:, :keys]))                                 # (B H_k, (e - s) G, d_v)
             probs.append(p)
-        o = torch.cat(outs, dim=1)                                                 # (B H, T, d_v)
+        o = torch.cat(outs, dim=1)                                                 # (B H_k, T G, d_v)
         ctx.save_for_backward(q, k, v, o, *probs)
-        ctx.scale, ctx.block = scale, block
-        return o.view(B, H, T, -1)
+        ctx.scale, ctx.block, ctx.G = scale, block, G
+        return o.view(B, H_k, T, G, -1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, *probs = ctx.saved_tensors
-        B, H, T, S = *do.shape[:3], k.shape[1]
-        do = do.reshape(B * H, T, -1)
+        B, H_k, T, G = do.shape[:4]
+        S = k.shape[1]
+        do = do.reshape(B * H_k, T * G, -1)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         delta = (do * o).sum(dim=-1, keepdim=True)                                  # rowsum(dO * O) = rowsum(P * dP)
         dq = []
         for p, s in zip(probs, range(0, T, ctx.block)):
             e = min(s + ctx.block, T)
-            keys = S - T + e
-            dv[:, :keys] += torch.bmm(p.transpose(1, 2), do[:, s:e])
-            ds = torch.bmm(do[:, s:e], v[:, :keys].transpose(1, 2)).sub_(delta[:, s:e]).mul_(p)  # softmax backward
+            keys, rows = S - T + e, slice(s * G, e * G)
+            dv[:, :keys] += torch.bmm(p.transpose(1, 2), do[:, rows])
+            ds = torch.bmm(do[:, rows], v[:, :keys].transpose(1, 2)).sub_(delta[:, rows]).mul_(p)  # softmax backward
             dq.append(torch.bmm(ds, k[:, :keys]))
-            dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q[:, s:e])
+            dk[:, :keys] += torch.bmm(ds.transpose(1, 2), q[:, rows])
         dq = torch.cat(dq, dim=1).mul_(ctx.scale)
-        return dq.view(B, H, T, -1), dk.mul_(ctx.scale).view(B, H, S, -1), dv.view(B, H, S, -1), None, None, None
+        return (dq.view(B, H_k, T, G, -1), dk.mul_(ctx.scale).view(B, H_k, S, -1), dv.view(B, H_k, S, -1),
+                None, None, None)
 
 
 class MLP(nn.Module):
@@ -437,18 +465,23 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # W^UK, W^UV
         self.wo = Linear(H * cfg.v_head_dim, cfg.dim)  # W^O, eq. 11
+        self.fold_weights = folding_pays(cfg)
+        self.absorbed_trains = absorbed_training_pays(cfg)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start_pos: int = 0,
-                attn_impl: str = "naive"):
+                attn_impl: str | None = None):
         """x: (B, T, D); cos/sin: (B, T, d_R/2); mask: (B, 1, T, S) additive (0 where a query may
-        attend, -inf elsewhere) or None for plain causal, query t at position S - T + t of the S keys."""
+        attend, -inf elsewhere) or None for plain causal, query t at position S - T + t of the S keys.
+        attn_impl: "naive", "absorbed", or None for the one that trains with fewer FLOPs
+        (`absorbed_training_pays`)."""
         B, T, _ = x.shape
-        H = self.n_heads
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, T, H, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)                                   # q^R, eq. 8
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        H, d_c, d_R = self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        if attn_impl is None:
+            attn_impl = "absorbed" if self.absorbed_trains else "naive"
+        if attn_impl not in ("naive", "absorbed"):
+            raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
+        q_in = x if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))    # c^Q, eq. 6 (or x)
+        kv, k_pe = self.wkv_a(x).split([d_c, d_R], dim=-1)
         kv = self.kv_norm(kv)                                               # c^KV, eq. 1
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)           # k^R, eq. 3: (B, T, d_R)
         if cache is not None:
@@ -460,76 +493,98 @@ class MLA(nn.Module):
             kv, k_pe = cache.kv[:B, :end].to(kv.dtype), cache.pe[:B, :end].to(k_pe.dtype)
         S = kv.shape[1]
         if mask is None and 1 < T < S:  # causal at an offset (query t at position S - T + t) on every path
-            mask = causal_bias(T, S, q.dtype, x.device)[None, None]                 # (1, 1, T, S)
+            mask = causal_bias(T, S, x.dtype, x.device)[None, None]                 # (1, 1, T, S)
         is_causal = mask is None and S == T  # SDPA's is_causal aligns query 0 with key 0
+        wq = self.wq if self.q_lora_rank == 0 else self.wq_b
         if attn_impl == "naive":
+            q_nope, q_pe = wq(q_in).view(B, T, H, -1).split([self.qk_nope_head_dim, d_R], dim=-1)
+            q_pe = apply_rope(q_pe, cos, sin)                                 # q^R, eq. 8
             kv = self.wkv_b(kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, 192)
             q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)                   # (B, H, T, 192)
             v = v.transpose(1, 2)                                                                   # (B, H, S, d_v)
             if blocked_attention_pays(q, S):
-                o = BlockedAttention.apply(q, k, v.contiguous(), mask, self.softmax_scale, ATTENTION_BLOCK)
+                o = BlockedAttention.apply(q.unsqueeze(3), k, v.contiguous(), mask, self.softmax_scale,
+                                           ATTENTION_BLOCK).squeeze(3)                      # (B, H, T, d_v)
             else:
                 if self.v_head_dim < self.qk_head_dim:  # SDPA's fused kernels want one head dim for q, k, v
                     v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))                           # (B, H, S, 192)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                    scale=self.softmax_scale)[..., :self.v_head_dim]  # (B, H, T, d_v)
-        elif attn_impl == "absorbed":
-            wkv_b = self.wkv_b.weight.view(H, -1, self.kv_lora_rank)                   # (H, d_h + d_v, d_c)
-            w_uk, w_uv = wkv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-            # q_nope^T W^UK c = (W^UK^T q_nope)^T c: attend in the latent space with one shared key.
-            # Products batched over heads by bmm: einsum's own overhead is most of a decode step's.
-            q_nope = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, d_c)
-            if T == 1:
-                # A decode step: the scores of one query against the cache in two products, scaled
-                # and masked by baddbmm, without concatenating [c; k^R] (B, S, d_c + d_R) each layer.
-                bias = mask.view(B, 1, S) if mask is not None else kv.new_zeros(B, 1, S)
-                scores = torch.baddbmm(bias, q_nope.transpose(0, 1), kv.transpose(1, 2),
-                                       alpha=self.softmax_scale)                         # (B, H, S)
-                scores = torch.baddbmm(scores, q_pe.reshape(B, H, -1), k_pe.transpose(1, 2),
-                                       alpha=self.softmax_scale)
-                o = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).type_as(kv), kv)  # (B, H, d_c)
-                o = o.transpose(0, 1)                                                   # (H, B, d_c)
+            return self.wo(o.transpose(1, 2).flatten(2))                                    # (B, T, D)
+
+        # Absorbed: q_nope^T W^UK c = (W^UK^T q_nope)^T c, so every head attends in the latent space
+        # to one shared key [c; k^R], and the attended latents leave through W^O W^UV.
+        if self.fold_weights:  # the products multiplied into the weights: fewer FLOPs per token
+            w_q, w_o = self.absorbed_weights()
+            q_c, q_pe = F.linear(q_in, w_q.flatten(0, 1)).view(B, T, H, d_c + d_R).split([d_c, d_R], dim=-1)
+        else:  # per token: fewer FLOPs when d_c is much wider than the heads (`full`)
+            w_uk, w_uv = self.wkv_b.weight.view(H, -1, d_c).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+            q_nope, q_pe = wq(q_in).view(B, T, H, -1).split([self.qk_nope_head_dim, d_R], dim=-1)
+            # Batched over heads by bmm: einsum's own overhead is most of a decode step's.
+            q_c = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)           # (H, B T, d_c)
+            q_c = q_c.view(H, B, T, d_c).permute(1, 2, 0, 3)                                  # (B, T, H, d_c)
+        q_pe = apply_rope(q_pe, cos, sin)                                                     # q^R, eq. 8
+        if T == 1:
+            # A decode step: the scores of one query against the cache in two products, scaled and
+            # masked by baddbmm, without concatenating [c; k^R] (B, S, d_c + d_R) each layer.
+            bias = mask.view(B, 1, S) if mask is not None else kv.new_zeros(B, 1, S)
+            scores = torch.baddbmm(bias, q_c.reshape(B, H, d_c), kv.transpose(1, 2), alpha=self.softmax_scale)
+            scores = torch.baddbmm(scores, q_pe.reshape(B, H, d_R), k_pe.transpose(1, 2), alpha=self.softmax_scale)
+            o = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).type_as(kv), kv)    # (B, H, d_c)
+            o = o.unsqueeze(1)                                                            # (B, 1, H, d_c)
+        else:
+            q = torch.cat([q_c, q_pe], dim=-1)                                            # (B, T, H, d_c + d_R)
+            k = torch.cat([kv, k_pe], dim=-1)                                             # (B, S, d_c + d_R)
+            if blocked_attention_pays(q, S):
+                # One key head shared by H query heads: the values are the latents c.
+                o = BlockedAttention.apply(q.unsqueeze(1), k.unsqueeze(1), kv.unsqueeze(1), mask,
+                                           self.softmax_scale, ATTENTION_BLOCK).squeeze(1)  # (B, T, H, d_c)
             else:
-                q = torch.cat([q_nope.view(H, B, T, -1).transpose(0, 1), q_pe.transpose(1, 2)],
-                              dim=-1)                                                   # (B, H, T, d_c + d_R)
-                k = torch.cat([kv, k_pe], dim=-1).unsqueeze(1).expand(-1, H, -1, -1)   # (B, H, S, d_c + d_R)
+                k = k.unsqueeze(1).expand(-1, H, -1, -1)                                  # (B, H, S, d_c + d_R)
                 # The values are the latents c, the first d_c columns of k: passing k as v keeps one
                 # head dim for q, k and v, which SDPA's fused kernels want; the k^R columns are dropped.
                 o = F.scaled_dot_product_attention(
-                    q, k, k, attn_mask=mask, is_causal=is_causal,
-                    scale=self.softmax_scale)[..., :self.kv_lora_rank]                  # (B, H, T, d_c)
-                o = o.transpose(0, 1).reshape(H, B * T, -1)                             # (H, B*T, d_c)
-            o = torch.bmm(o, w_uv.transpose(1, 2))                                      # W^UV: (H, B*T, d_v)
-            o = o.view(H, B, T, -1).transpose(0, 1)                                     # (B, H, T, d_v)
-        else:
-            raise ValueError(f"attn_impl must be 'naive' or 'absorbed', got {attn_impl!r}")
-        return self.wo(o.transpose(1, 2).flatten(2))                                    # (B, T, D)
+                    q.transpose(1, 2), k, k, attn_mask=mask, is_causal=is_causal,
+                    scale=self.softmax_scale)[..., :d_c].transpose(1, 2)                  # (B, T, H, d_c)
+        if self.fold_weights:
+            return F.linear(o.flatten(2), w_o.flatten(1))                                 # (B, T, D)
+        o = torch.bmm(o.permute(2, 0, 1, 3).reshape(H, B * T, d_c), w_uv.transpose(1, 2))  # W^UV: (H, B T, d_v)
+        return self.wo(o.view(H, B, T, -1).permute(1, 2, 0, 3).flatten(2))               # (B, T, D)
 
-    def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The absorbed products of one decode step, multiplied out once (see `Transformer.fold`).
-
-        W^UK into the query: per head [W^UK^T W^UQ; W^QR; swap(W^QR)] * softmax scale maps c^Q (or x)
-        straight to [q in the latent space; q^R before rotation; its pairs swapped (`rope_swap`)]. W^UV
-        into the output: W^O W^UV maps the attended latents straight to D. The norms' weights go into
-        the matrix that follows them (a diagonal scaling of its input). Matrices are stored as (in, out),
-        the layout in which an 8-row product runs fastest.
-        """
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK multiplied into the query and W^UV into W^O (DeepSeek-V2, sec. 2.1.2), with gradients:
+        w_q (H, d_c + d_R, q_in), per head [W^UK^T W^UQ; W^QR], maps c^Q (or x) to the query in the
+        latent space and q^R before rotation; w_o (D, H, d_c), W^O W^UV, maps each head's attended
+        latents to the output."""
         H, d_n, d_c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
         w_uk, w_uv = self.wkv_b.weight.view(H, d_n + self.v_head_dim, d_c).split([d_n, self.v_head_dim], dim=1)
         wq = self.wq if self.q_lora_rank == 0 else self.wq_b
         q_nope, q_pe = wq.weight.view(H, self.qk_head_dim, -1).split([d_n, self.qk_rope_head_dim], dim=1)
-        w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe, rope_swap(q_pe)], dim=1)  # (H, d_c + 2 d_R, q_in)
-        w_q = w_q.flatten(0, 1) * self.softmax_scale
+        w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe], dim=1)                        # (H, d_c + d_R, q_in)
+        w_o = torch.einsum("dhv,hvc->dhc", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)  # (D, H, d_c)
+        return w_q, w_o
+
+    def fold(self, norm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The absorbed products of one decode step, multiplied out once (see `Transformer.fold`).
+
+        `absorbed_weights`, with the query's rows extended to [W^UK^T W^UQ; W^QR; swap(W^QR)] * softmax
+        scale per head, which map c^Q (or x) straight to [q in the latent space; q^R before rotation;
+        its pairs swapped (`rope_swap`)]. The norms' weights go into the matrix that follows them (a
+        diagonal scaling of its input). Matrices are stored as (in, out), the layout in which an
+        8-row product runs fastest.
+        """
+        d_c = self.kv_lora_rank
+        w_q, w_o = self.absorbed_weights()
+        w_q = torch.cat([w_q, rope_swap(w_q[:, d_c:])], dim=1).flatten(0, 1) * self.softmax_scale  # (H (d_c + 2 d_R), q_in)
         w_kv = torch.cat([self.wkv_a.weight, rope_swap(self.wkv_a.weight[d_c:])])          # (d_c + 2 d_R, D)
-        w_o = torch.einsum("dhv,hvc->hcd", self.wo.weight.view(-1, H, self.v_head_dim), w_uv)   # (H, d_c, D)
         if self.q_lora_rank == 0:  # the folded query rows act on x directly: they lead w_in
             w_q_in, w_q = w_q, None
         else:
             w_q_in, w_q = self.wq_a.weight, (w_q * self.q_norm.weight).t()
         return {"w_in": in_out([w_q_in, w_kv], norm), "w_q": w_q,
-                "kv_norm": self.kv_norm.weight, "w_o": w_o.flatten(0, 1)}
+                "kv_norm": self.kv_norm.weight, "w_o": w_o.permute(1, 2, 0).flatten(0, 1)}   # w_o (H d_c, D)
 
     def decode(self, x, fold: Folded, cache: KVCache, pos: int, rope: tuple[torch.Tensor, ...], bias: torch.Tensor):
         """Absorbed attention of one token per row with folded weights, writing cache position pos.
@@ -768,7 +823,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
-    def forward(self, x, cos, sin, mask, token_mask=None, cache=None, start_pos=0, attn_impl="naive"):
+    def forward(self, x, cos, sin, mask, token_mask=None, cache=None, start_pos=0, attn_impl=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start_pos, attn_impl)
         if isinstance(self.ffn, MoE):
             h, aux = self.ffn(self.ffn_norm(x), token_mask)
@@ -844,9 +899,57 @@ def init_parameters(module: nn.Module, std: float):
                     nn.init.normal_(w[e], std=std)
 
 
+# Logits per chunk of `LinearCrossEntropy` (rows x vocabulary): 128 rows at V = 1024, 512 KB in fp32,
+# which stay in cache between the product that makes them and the two that take their gradient.
+LOSS_CHUNK = 2 ** 17
+
+
+def fused_loss_pays(h: torch.Tensor) -> bool:
+    """Whether the loss on hidden states h runs as `LinearCrossEntropy`: where it was measured (CPU,
+    fp32 or fp64) and only when a backward will follow, since it computes the gradients up front."""
+    return (h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
+            and torch.is_grad_enabled() and h.requires_grad)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The output head and the next-token loss in one, mean_i CE(h_i W^T, target_i) over the targets
+    that are not -100, a chunk of rows at a time: a chunk's logits are made, turned at once into
+    their gradient (softmax - one-hot) / n, and multiplied back into dh and dW, so the (N, V) logits
+    and their gradient never exist whole. The backward only scales the two saved gradients.
+
+    h (N, D), weight (V, D), targets (N,). Returns the loss, 0 when every target is -100.
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        valid = (targets != -100).unsqueeze(1)                                     # (N, 1)
+        safe = targets.clamp(min=0).unsqueeze(1)                                   # (N, 1), any id where ignored
+        inv_n = 1.0 / max(int(valid.sum()), 1)
+        dh, dw = torch.empty_like(h), torch.zeros_like(weight)
+        loss = h.new_zeros(())
+        for s in range(0, h.shape[0], chunk):
+            e = min(s + chunk, h.shape[0])
+            logits = torch.mm(h[s:e], weight.t())                                  # (chunk, V)
+            lse = logits.logsumexp(dim=-1, keepdim=True)
+            loss += (lse - logits.gather(1, safe[s:e])).mul_(valid[s:e]).sum()     # -log softmax at the target
+            p = logits.sub_(lse).exp_()                                            # softmax, in place
+            p.scatter_add_(1, safe[s:e], -valid[s:e].to(p.dtype)).mul_(valid[s:e] * inv_n)  # dloss/dlogits
+            torch.mm(p, weight, out=dh[s:e])
+            dw.addmm_(p.t(), h[s:e])
+        ctx.save_for_backward(dh, dw)
+        return loss * inv_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad, dw * grad, None, None
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                            # (B, T, V)
+    logits: torch.Tensor | None                     # (B, T, V); None when forward was asked not to keep them
     loss: torch.Tensor | None = None                # ntp + mtp + balance
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # "ntp", "mtp", "balance"
     hidden: torch.Tensor | None = None              # (B, T, D) last hidden state before the final norm
@@ -897,17 +1000,8 @@ class Transformer(nn.Module):
             moe.update_bias(gamma)
 
     def folding_pays(self) -> bool:
-        """Whether the folded query and output matrices (and the swap(W^KR) rows) hold fewer values
-        than the ones they replace (wq_b or wq, wkv_b, wo): so for small models like `tiny`, where a
-        decode step is bound by reading weights and launching kernels; not for `full`, whose folded
-        query matrix [W^UK^T W^UQ; W^QR; swap(W^QR)] would be 3.3x wq_b."""
-        c = self.cfg
-        q_in = c.q_lora_rank or c.dim
-        folded = (c.n_heads * (c.kv_lora_rank + 2 * c.qk_rope_head_dim) * q_in + c.dim * c.n_heads * c.kv_lora_rank
-                  + c.qk_rope_head_dim * c.dim)
-        plain = (c.n_heads * c.qk_head_dim * q_in + c.dim * c.n_heads * c.v_head_dim
-                 + c.n_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank)
-        return folded <= plain
+        """`folding_pays` for this model's config."""
+        return folding_pays(self.cfg)
 
     @torch.no_grad()
     def fold(self, n_tokens: int) -> tuple[list[Folded], torch.Tensor]:
@@ -985,12 +1079,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 key_mask: torch.Tensor | None = None, cache: list[KVCache] | None = None,
-                start_pos: int = 0, attn_impl: str = "naive", mtp: bool = True) -> ModelOutput:
+                start_pos: int = 0, attn_impl: str | None = None, mtp: bool = True,
+                logits: bool = True) -> ModelOutput:
         """tokens (B, T) at positions start_pos.. of the cache; targets (B, T) next-token ids, -100 = ignore.
 
         key_mask (B, start_pos + T) marks real (non-padding) tokens over the cache and the new tokens.
         With targets, the loss is next-token CE + lambda * mean MTP CE + balance loss, with each part
-        in `parts`. MTP runs only when targets are given and `mtp` is true.
+        in `parts`. MTP runs only when targets are given and `mtp` is true. logits=False, with targets,
+        leaves `ModelOutput.logits` None, so that a training step may take the loss without them
+        (`head_loss`).
         """
         B, T = tokens.shape
         if start_pos + T > self.cfg.max_seq_len:
@@ -1006,10 +1103,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h, aux = layer(h, cos, sin, mask, token_mask, None if cache is None else cache[i], start_pos, attn_impl)
             balance = balance + aux
-        logits = self.head(self.norm(h))
         if targets is None:
-            return ModelOutput(logits, hidden=h)
-        ntp = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return ModelOutput(self.head(self.norm(h)), hidden=h)
+        ntp, logits = self.head_loss(self.norm(h), targets, keep_logits=logits)
         parts = {"ntp": ntp}
         loss = ntp
         if mtp and len(self.mtp) > 0:
@@ -1024,9 +1120,7 @@ class Transformer(nn.Module):
                 sub_tokens = None if token_mask is None else token_mask[:, k:] & token_mask[:, :T - k]
                 h_k, aux = module.block(h_k, cos[:, :T - k], sin[:, :T - k], sub_mask, sub_tokens)
                 balance = balance + aux
-                mtp_logits = self.head(module.norm(h_k))
-                mtp_losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(),
-                                                  targets[:, k:].flatten(), ignore_index=-100))
+                mtp_losses.append(self.head_loss(module.norm(h_k), targets[:, k:], keep_logits=False)[0])
             if mtp_losses:
                 parts["mtp"] = torch.stack(mtp_losses).mean()
                 loss = loss + self.cfg.mtp_lambda * parts["mtp"]
@@ -1034,6 +1128,17 @@ class Transformer(nn.Module):
             parts["balance"] = balance
             loss = loss + balance
         return ModelOutput(logits, loss, parts, h)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, keep_logits: bool):
+        """The output head and mean CE over targets (B, T) on normalised hidden states x (B, T, D):
+        returns (loss, logits (B, T, V) or None). Without logits to keep, and where `fused_loss_pays`,
+        as `LinearCrossEntropy`, which never holds the whole logits."""
+        if not keep_logits and fused_loss_pays(x):
+            chunk = max(1, LOSS_CHUNK // self.cfg.vocab_size)
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.head.weight, targets.flatten(), chunk), None
+        logits = self.head(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return loss, (logits if keep_logits else None)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -464,7 +464,7 @@ def train_sft(run: Run, stage: str, model: Transformer, examples: list[tuple[lis
         tokens, targets, key_mask = make_batch(batch[env.rank::env.world_size], run.tok.pad_id, run.device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        out = model(tokens, targets, key_mask=key_mask)
+        out = model(tokens, targets, key_mask=key_mask, logits=False)
         # this rank's share of the batch's target tokens, times W to undo FSDP's average over ranks
         n_local = (targets != -100).sum().float()
         share = n_local * env.world_size / parallel.all_reduce_sum(n_local.clone()).clamp(min=1)

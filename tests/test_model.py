@@ -7,14 +7,16 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import (BlockedAttention, MoE, ModelConfig, Transformer, apply_rope, count_parameters, dense_config,
-                   generate, get_config, rope_swap, sample_token, sequence_balance_loss, unit_rms,
-                   yarn_frequencies)
+from model import (BlockedAttention, LinearCrossEntropy, MoE, ModelConfig, Transformer, absorbed_training_pays,
+                   apply_rope, count_parameters, dense_config, generate, get_config, rope_swap, sample_token,
+                   sequence_balance_loss, unit_rms, yarn_frequencies)
 
-# The micro preset and its V2-style variant (softmax routing, no router bias, no q_lora).
+# The micro preset, its V2-style variant (softmax routing, no router bias, no q_lora), and heads as
+# wide as the latent, where the absorbed attention folds its weights and trains (as `tiny` does).
 VARIANTS = {
     "v3": {},
     "v2": dict(score_func="softmax", use_router_bias=False, q_lora_rank=0, route_scale=1.0),
+    "folded": dict(qk_nope_head_dim=16, v_head_dim=16),
 }
 
 
@@ -156,20 +158,23 @@ def each_attention_kernel(monkeypatch):
 
 
 def reference_attention(q, k, v, mask, scale):
-    """softmax(scale q k^T + causal at offset S - T + mask) v, written out."""
+    """softmax(scale q k^T + causal at offset S - T + mask) v, written out for q (B, H_k, T, G, d)."""
     T, S = q.shape[2], k.shape[2]
+    q, k, v = q.transpose(2, 3), k.unsqueeze(2), v.unsqueeze(2)              # (B, H_k, G, T, d), (B, H_k, 1, S, d)
     causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
-    return (scores if mask is None else scores + mask).softmax(dim=-1) @ v
+    scores = scores if mask is None else scores + mask.unsqueeze(2)
+    return (scores.softmax(dim=-1) @ v).transpose(2, 3)                      # (B, H_k, T, G, d_v)
 
 
-@pytest.mark.parametrize("T,S,block,padded", [(16, 16, 4, False), (37, 37, 8, True), (11, 20, 4, True),
-                                              (5, 5, 64, False)])
-def test_blocked_attention_equals_written_out_attention(T, S, block, padded):
+@pytest.mark.parametrize("T,S,block,padded,G", [(16, 16, 4, False, 1), (37, 37, 8, True, 1), (11, 20, 4, True, 1),
+                                                (5, 5, 64, False, 1), (37, 37, 8, True, 3), (11, 20, 4, True, 4)])
+def test_blocked_attention_equals_written_out_attention(T, S, block, padded, G):
+    """G > 1: query heads sharing one key head, as the absorbed MLA's heads share [c; k^R]."""
     torch.manual_seed(0)
-    B, H = 2, 3
-    q, k = torch.randn(B, H, T, 12, dtype=torch.float64), torch.randn(B, H, S, 12, dtype=torch.float64)
-    v = torch.randn(B, H, S, 7, dtype=torch.float64)
+    B, H_k = 2, 3 if G == 1 else 1
+    q, k = torch.randn(B, H_k, T, G, 12, dtype=torch.float64), torch.randn(B, H_k, S, 12, dtype=torch.float64)
+    v = torch.randn(B, H_k, S, 7, dtype=torch.float64)
     mask = None
     if padded:  # the first keys of row 1 are padding; every query keeps at least its own key
         mask = torch.zeros(B, 1, T, S, dtype=torch.float64)
@@ -191,12 +196,12 @@ def test_blocked_attention_gives_a_query_without_keys_a_zero_row_like_sdpa():
     mask = torch.zeros(2, 1, 6, 6)
     mask[0, 0, 2] = float("-inf")
     causal = torch.full((6, 6), float("-inf")).triu(1)
-    got = BlockedAttention.apply(q, k, v, mask, 0.3, 4)
+    got = BlockedAttention.apply(q.unsqueeze(3), k, v, mask, 0.3, 4).squeeze(3)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask + causal, scale=0.3)
     assert torch.equal(got[0, :, 2], torch.zeros(2, 8)) and torch.allclose(got, want, atol=1e-6)
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got.sum(), (q, k, v)))
     with pytest.raises(TypeError, match="additive float mask"):
-        BlockedAttention.apply(q, k, v, mask == 0, 0.3, 4)
+        BlockedAttention.apply(q.unsqueeze(3), k, v, mask == 0, 0.3, 4)
 
 
 def test_attention_without_a_mask_is_causal_at_an_offset_on_every_path(monkeypatch):
@@ -217,20 +222,24 @@ def test_attention_without_a_mask_is_causal_at_an_offset_on_every_path(monkeypat
     assert all(torch.allclose(o, whole, atol=1e-5) for o in outs)
 
 
-def test_training_forward_and_gradients_match_with_blocked_attention_or_sdpa(monkeypatch):
-    model = micro()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_forward_and_gradients_match_on_every_attention_path(variant, monkeypatch):
+    """Naive and absorbed (folded where that pays), each with `BlockedAttention` and with SDPA."""
+    model = micro(**VARIANTS[variant])
     x = torch.randint(0, 64, (3, 20))
     key_mask = torch.ones(3, 20, dtype=torch.bool)
     key_mask[1, :6] = False  # left padding, as in the RL batches
     results = []
     for _ in each_attention_kernel(monkeypatch):
-        model.zero_grad()
-        out = model(x, x.roll(-1, 1), key_mask=key_mask)
-        out.loss.backward()
-        results.append((out.logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (logits_a, grads_a), (logits_b, grads_b) = results
-    assert torch.allclose(logits_a, logits_b, atol=1e-5)
-    assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))
+        for impl in ("naive", "absorbed"):
+            model.zero_grad()
+            out = model(x, x.roll(-1, 1), key_mask=key_mask, attn_impl=impl)
+            out.loss.backward()
+            results.append((out.logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    logits_a, grads_a = results[0]
+    for logits_b, grads_b in results[1:]:
+        assert torch.allclose(logits_a, logits_b, atol=1e-5)
+        assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -302,6 +311,9 @@ def test_folding_pays_for_tiny_but_not_for_full():
     # full: W^UK^T W^UQ (128 heads x 512 x 1536) is three times W^UQ; tiny's folds are smaller.
     assert Transformer(get_config("tiny")).folding_pays()
     assert not meta_model("full").folding_pays()
+    # So tiny trains with the absorbed attention (d_c = d_h = d_v) and full with the naive one.
+    assert absorbed_training_pays(get_config("tiny")) and not absorbed_training_pays(get_config("full"))
+    assert all(layer.attn.absorbed_trains and layer.attn.fold_weights for layer in Transformer(get_config("tiny")).layers)
 
 
 def test_chunked_prefill_equals_one_shot_prefill():
@@ -507,6 +519,41 @@ def test_loss_reports_next_token_mtp_and_balance_parts():
     assert set(out.parts) == {"ntp", "mtp", "balance"}
     expected = out.parts["ntp"] + model.cfg.mtp_lambda * out.parts["mtp"] + out.parts["balance"]
     assert torch.allclose(out.loss, expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(chunk):
+    """LinearCrossEntropy, chunks that do or do not divide the rows, ignored targets included."""
+    torch.manual_seed(0)
+    h = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (23,))
+    targets[[0, 5, 6]] = -100
+    got = LinearCrossEntropy.apply(h, weight, targets, chunk)
+    want = F.cross_entropy(F.linear(h, weight), targets, ignore_index=-100)
+    assert torch.allclose(got, want, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(2.5 * got, (h, weight)), torch.autograd.grad(2.5 * want, (h, weight))):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *x: LinearCrossEntropy.apply(*x, targets, chunk), (h, weight))
+    nothing = LinearCrossEntropy.apply(h, weight, torch.full((23,), -100), chunk)  # no target: 0, not 0/0
+    assert nothing.item() == 0 and all(g.abs().max() == 0 for g in torch.autograd.grad(nothing, (h, weight)))
+
+
+def test_training_loss_without_logits_equals_the_loss_with_them():
+    model = micro().train()
+    x = torch.randint(0, 64, (3, 17))
+    targets = x[:, 1:].clone()
+    targets[0, :5] = -100  # a prompt, as in SFT batches
+    results = []
+    for keep in (True, False):
+        model.zero_grad()
+        out = model(x[:, :-1], targets, logits=keep)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (kept, grads_a), (fused, grads_b) = results
+    assert kept.logits.shape == (3, 16, 64) and fused.logits is None
+    assert all(torch.allclose(kept.parts[k], fused.parts[k], atol=1e-6) for k in kept.parts)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
 
 
 def test_mtp_is_not_run_at_inference():
