@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import transformers
 
 from hf import config_to_hf, save_hf_checkpoint
-from model import (ATTENTION_BLOCK, BlockedAttention, ModelConfig, Transformer, count_parameters, generate,
-                   get_config)
+from model import (ATTENTION_BLOCK, BlockedAttention, ModelConfig, Transformer, absorbed_training_pays,
+                   count_parameters, generate, get_config)
 
 HF_ATTENTION = ("sdpa", "eager")          # transformers' default is sdpa
 HF_EXPERTS = ("grouped_mm", "eager")      # transformers' default is grouped_mm where torch has it
@@ -109,6 +109,16 @@ def train_flops_per_token(cfg: ModelConfig, counts: dict[str, int], seq_len: int
     return flops
 
 
+def weight_product_flops(cfg: ModelConfig, counts: dict[str, int], tokens: int, ours: bool) -> float:
+    """FLOPs of a training step's products with the weights, 6 N per token, less wkv_b's for our model
+    where it trains with the absorbed attention (`absorbed_training_pays`), which never multiplies the
+    latents by wkv_b (its products with the weights' products are per step, not per token)."""
+    flops = 6 * (counts["active"] - counts["embedding"]) * tokens
+    if ours and absorbed_training_pays(cfg):
+        flops -= 6 * cfg.n_layers * cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * tokens
+    return flops
+
+
 def mla_minimum_bytes(cfg: ModelConfig, bytes_per_value: int) -> int:
     """Cache bytes per token of MLA: the latent c^KV and the shared rotated key k^R, every layer."""
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value * cfg.n_layers
@@ -133,7 +143,7 @@ def hf_cache_bytes_per_token(cache) -> float:
 # Where a training step's time goes
 
 OP_KINDS = {  # torch.profiler operator names by kind; anything else is "the rest"
-    "mm": ("aten::mm", "aten::addmm", "aten::_grouped_mm"),
+    "mm": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm"),
     "bmm": ("aten::bmm", "aten::baddbmm"),
     "SDPA kernels": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                      "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
@@ -177,22 +187,31 @@ def bench_experts(model: Transformer, reps: int) -> dict:
 
 
 def bench_attention(cfg: ModelConfig, batch: int, seq: int, reps: int) -> dict:
-    """Seconds of forward + backward of one layer's causal attention, `model.BlockedAttention` against
-    SDPA (v padded to the q/k head dim, as MLA.forward does), at the training shape and at other
-    (batch, length) pairs with the same number of tokens."""
+    """Seconds of forward + backward of one layer's causal attention, at the training shape and at other
+    (batch, length) pairs with the same number of tokens: `model.BlockedAttention` with the naive
+    path's per-head keys and values, with the absorbed path's one latent key [c; k^R] (values c)
+    shared by every head, and SDPA with the naive shapes (v padded to the q/k head dim, as
+    MLA.forward does)."""
     H, d, d_v, scale = cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.softmax_scale
+    d_c, d_R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     by_shape = {}
     for B, T in ((batch * 4, seq // 4), (batch, seq), (max(batch // 4, 1), seq * 4)):
         q, k = torch.randn(B, H, T, d, requires_grad=True), torch.randn(B, H, T, d, requires_grad=True)
         v = torch.randn(B, H, T, d_v, requires_grad=True)
+        q_c = torch.randn(B, 1, T, H, d_c + d_R, requires_grad=True)
+        k_c = torch.randn(B, 1, T, d_c + d_R, requires_grad=True)
 
-        def blocked():
-            BlockedAttention.apply(q, k, v, None, scale, ATTENTION_BLOCK).sum().backward()
+        def naive():
+            BlockedAttention.apply(q.unsqueeze(3), k, v, None, scale, ATTENTION_BLOCK).sum().backward()
+
+        def absorbed():
+            BlockedAttention.apply(q_c, k_c, k_c[..., :d_c], None, scale, ATTENTION_BLOCK).sum().backward()
 
         def sdpa():
             F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - d_v)), is_causal=True,
                                            scale=scale)[..., :d_v].sum().backward()
-        times = interleaved({"blocked": blocked, "SDPA": sdpa}, reps=reps, warmup=2)
+        times = interleaved({"blocked, naive": naive, "blocked, absorbed": absorbed, "SDPA, naive": sdpa},
+                            reps=reps, warmup=2)
         by_shape[f"{B} x {T}"] = {name: medians(t) for name, t in times.items()}
     return by_shape
 
@@ -287,10 +306,12 @@ def bench(args) -> dict:
                           "all_seconds": times[name]}
     report["training"] = training
     # One profiled step of ours (MTP off) and of the fastest transformers variant: what each spends on
-    # the products both run with the same FLOPs, on attention, and on everything else.
+    # the weight products, on attention, and on everything else.
     fastest = max((k for k in training if not k.startswith("ours")), key=lambda k: training[k]["tokens_per_s"][report["clock"]])
-    report["training_profile"] = {"steps": {name: time_by_kind(runs[name]) for name in ("ours, MTP off", fastest)},
-                                  "mm_flops": 6 * (counts["active"] - counts["embedding"]) * B * T}
+    profiled = ("ours, MTP off", fastest)
+    report["training_profile"] = {"steps": {name: time_by_kind(runs[name]) for name in profiled},
+                                  "mm_flops": {name: weight_product_flops(cfg, counts, B * T, name.startswith("ours"))
+                                               for name in profiled}}
 
     # Sampling: same prompts, N new tokens each, temperature 1, no stop token.
     prompts = torch.randint(2, cfg.vocab_size, (B, P))
@@ -394,8 +415,8 @@ def print_report(r: dict):
     print(f"    {'':<22}" + "".join(f"{name:>46}" for name in steps))
     for kind in [*OP_KINDS, "the rest", "total"]:
         cells = ""
-        for s in steps.values():
-            rate = f" ({mm_flops / s[kind] / 1e9:.0f} GFLOP/s)" if kind == "mm" and s[kind] else ""
+        for name, s in steps.items():
+            rate = f" ({mm_flops[name] / s[kind] / 1e9:.0f} GFLOP/s)" if kind == "mm" and s[kind] else ""
             cells += f"{f'{s[kind] * 1e3:,.0f}{rate}':>46}"
         print(f"    {kind:<22}" + cells)
     print()
@@ -435,9 +456,9 @@ def print_report(r: dict):
     a = r["attention"]
     print(f"causal attention of one layer, forward + backward, ms per call ({unit[clock]}; median of "
           f"{c['attention_reps']}), by batch x length:")
-    print(f"  {'':<9}" + "".join(f"{shape:>12}" for shape in a))
-    for name in ("blocked", "SDPA"):
-        print(f"  {name:<9}" + "".join(f"{v[name][clock] * 1e3:>12,.1f}" for v in a.values()))
+    print(f"  {'':<18}" + "".join(f"{shape:>12}" for shape in a))
+    for name in next(iter(a.values())):
+        print(f"  {name:<18}" + "".join(f"{v[name][clock] * 1e3:>12,.1f}" for v in a.values()))
 
 
 def main():

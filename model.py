@@ -4,17 +4,22 @@ Implements, with equation numbers of the DeepSeek-V3 technical report (arXiv 241
 - Multi-head Latent Attention, eqs. 1-11: low-rank query (wq_a, q_norm, wq_b) and key-value latent
   (wkv_a, kv_norm, wkv_b), decoupled RoPE with one k_pe shared by all heads, YaRN frequencies and
   the mscale^2 softmax temperature. Two paths that compute the same function: "naive" materialises
-  K and V (training), "absorbed" folds wkv_b into the query and the output so that the cache holds
-  only the normalised latent and the rotated k_pe (kv_lora_rank + qk_rope_head_dim per token).
-  The naive path's attention runs on CPU in fp32 as `BlockedAttention` (blocks of queries against
-  only the keys they can see, probabilities kept for the backward); on GPUs, in half precision and
-  beyond a size limit, in SDPA's fused kernels.
+  K and V, "absorbed" folds wkv_b into the query and the output so that every head attends to one
+  shared latent key and the cache holds only the normalised latent and the rotated k_pe
+  (kv_lora_rank + qk_rope_head_dim per token). Training takes whichever costs fewer FLOPs
+  (`absorbed_training_pays`): naive for `full`, absorbed for `tiny`, whose latent is as wide as a
+  head. On CPU in fp32 attention runs as `BlockedAttention` (blocks of queries against only the keys
+  they can see, probabilities kept for the backward); on GPUs, in half precision and beyond a size
+  limit, in SDPA's fused kernels.
 - DeepSeekMoE, eqs. 12-16: shared + routed SwiGLU experts, sigmoid (V3) or softmax (V2) affinities,
   group-limited top-k, auxiliary-loss-free balancing by a per-expert bias that changes the choice of
   experts but not their weights (eqs. 16, 17 and the bias update rule), the complementary
   sequence-wise balance loss (eqs. 17-20). The routed experts' weights are stacked (N_r, ., .)
   tensors, run densely for a few tokens and grouped by expert for many.
 - Multi-Token Prediction, eqs. 21-25: D sequential modules sharing the embedding and the head.
+- The loss: next-token (and MTP) cross-entropy; when the caller keeps no logits, on CPU, the head and
+  the loss run a chunk of rows at a time with their gradients made in the forward
+  (`LinearCrossEntropy`), so the (tokens, vocabulary) logits never exist whole.
 - Sampling with the latent cache: each distinct prompt prefilled once; for small models the decode
   step runs on weights multiplied out once per `generate` call (`Transformer.fold`: W^UK into the
   query, W^UV into the output, norm weights into the next matrix, router + all experts as one
@@ -288,7 +293,7 @@ def in_out(rows: list[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
     return torch.cat([r.t() for r in rows], dim=1).mul_(norm.unsqueeze(1))
 
 
-# Queries per block of `BlockedAttention`, and the largest score rectangle B H T S it takes per layer
+# Query positions per block of `BlockedAttention`, and the largest score rectangle B H T S it takes per layer
 # (it keeps about half of it for the backward, and every layer keeps its own); beyond that, or off
 # the CPU, or in half precision, attention runs in SDPA's fused kernels.
 ATTENTION_BLOCK = 64
@@ -302,7 +307,7 @@ def causal_bias(T: int, S: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def blocked_attention_pays(q: torch.Tensor, n_keys: int) -> bool:
-    """Whether `BlockedAttention` runs for queries q (B, H, T, d) against n_keys keys."""
+    """Whether `BlockedAttention` runs for queries q (B, H, T, d), or (B, T, H, d), against n_keys keys."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and q.shape[0] * q.shape[1] * q.shape[2] * n_keys <= BLOCKED_ATTENTION_MAX_PROBS)
 
@@ -351,13 +356,14 @@ class BlockedAttention(torch.autograd.Function):
         q = q.reshape(B * H_k, T * G, -1)                       # row t G + g: head g at position t
         k, v = k.reshape(B * H_k, S, -1), v.reshape(B * H_k, S, -1)
         causal = causal_bias(T, S, q.dtype, q.device)
-        if G > 1:
-            causal = causal.repeat_interleave(G, dim=0)                            # (T G, S)
         probs, outs = [], []
         for s in range(0, T, block):
             e = min(s + block, T)
             keys, rows = S - T + e, slice(s * G, e * G)
-            p = torch.baddbmm(causal[rows, :keys], q[:, rows], k[:, :keys].transpose(1, 2), alpha=scale)
+            bias = causal[s:e, :keys]
+            if G > 1:  # a block's rows at a time: (T G, S) at once would outgrow the kept probabilities
+                bias = bias.repeat_interleave(G, dim=0)                            # ((e - s) G, keys)
+            p = torch.baddbmm(bias, q[:, rows], k[:, :keys].transpose(1, 2), alpha=scale)
             if mask is not None:
                 p.view(B, H_k, e - s, G, keys).add_(mask[:, :, s:e, None, :keys])
             p = p.softmax(dim=-1)                                                  # (B H_k, (e - s) G, keys)
@@ -899,8 +905,9 @@ def init_parameters(module: nn.Module, std: float):
                     nn.init.normal_(w[e], std=std)
 
 
-# Logits per chunk of `LinearCrossEntropy` (rows x vocabulary): 128 rows at V = 1024, 512 KB in fp32,
-# which stay in cache between the product that makes them and the two that take their gradient.
+# Logits per chunk of `LinearCrossEntropy` (rows x vocabulary): 128 rows at V = 1024, 512 KB in fp32.
+# A `tiny` training step took the same time with chunks from 2^17 to 2^21 (all the rows); the
+# smallest of those holds the least memory.
 LOSS_CHUNK = 2 ** 17
 
 
