@@ -938,10 +938,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             e = min(s + chunk, h.shape[0])
             logits = torch.mm(h[s:e], weight.t())                                  # (chunk, V)
-            lse = logits.logsumexp(dim=-1, keepdim=True)
-            loss += (lse - logits.gather(1, safe[s:e])).mul_(valid[s:e]).sum()     # -log softmax at the target
-            p = logits.sub_(lse).exp_()                                            # softmax, in place
-            p.scatter_add_(1, safe[s:e], -valid[s:e].to(p.dtype)).mul_(valid[s:e] * inv_n)  # dloss/dlogits
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, safe[s:e])
+            p = logits.sub_(top).exp_()                                            # in place: one exp per logit
+            total = p.sum(dim=-1, keepdim=True)
+            loss += (total.log() + top - picked).mul_(valid[s:e]).sum()            # -log softmax at the target
+            p.div_(total).scatter_add_(1, safe[s:e], -valid[s:e].to(p.dtype))     # softmax - one-hot:
+            p.mul_(valid[s:e] * inv_n)                                             # dloss/dlogits
             torch.mm(p, weight, out=dh[s:e])
             dw.addmm_(p.t(), h[s:e])
         ctx.save_for_backward(dh, dw)
