@@ -4,6 +4,7 @@ Both models are the `--size` preset (default tiny) in fp32 with our weights (sav
 by `from_pretrained`; the logits are compared first).
 - training tokens/s: forward + backward + AdamW on one random (B, T) batch; ours with MTP off (like for
   like) and on, transformers with each attention x experts implementation, the fastest the baseline;
+  with the minor page faults of a step, and one profiled step of ours and of the baseline;
 - sampling tokens/s: B prompts, N new tokens, temperature 1, no stop token; our latent-cache
   `generate` (folded decode step where it pays, the default, and not folded) against transformers'
   `generate` with its DynamicCache;
@@ -11,7 +12,8 @@ by `from_pretrained`; the logits are compared first).
 - MFU: FLOPs per token (`train_flops_per_token`) x tokens/s over an fp32 matmul peak timed in the run;
 - our routed experts' two paths (`Experts.dense`, `Experts.grouped`) by token count, which places
   the switch between them (`Experts.dense_max_wasted_flops`);
-- causal attention of one layer, `BlockedAttention` (what MLA.forward runs on CPU) against SDPA.
+- causal attention of one layer, `BlockedAttention` (what MLA.forward runs on CPU) with the naive and
+  the absorbed path's shapes, against SDPA.
 Each repetition runs every variant once, alternating the order, and figures are medians, so ratios
 stay fair on a shared machine (the load average is printed). One torch thread by default (a second
 waits on cores that others hold), and then speeds are per CPU-second of this process, which other
@@ -25,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -51,18 +54,22 @@ CLOCKS = ("cpu", "wall")
 
 
 def interleaved(runs: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, dict[str, list]]:
-    """CPU and wall-clock seconds per call of each run: each repetition calls every run once,
-    reversing the order on alternate repetitions so that no run always follows the same neighbour."""
+    """CPU and wall-clock seconds per call of each run, and the minor page faults it took (memory the
+    allocator got back from the OS, which the kernel zeroes on first touch): each repetition calls
+    every run once, reversing the order on alternate repetitions so that no run always follows the
+    same neighbour."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
-    times = {name: {clock: [] for clock in CLOCKS} for name in runs}
+    times = {name: {clock: [] for clock in (*CLOCKS, "page_faults")} for name in runs}
     for rep in range(reps):
         for name in (list(runs) if rep % 2 == 0 else list(reversed(runs))):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             cpu, wall = time.process_time(), time.perf_counter()
             runs[name]()
             times[name]["cpu"].append(time.process_time() - cpu)
             times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
     return times
 
 
@@ -303,6 +310,7 @@ def bench(args) -> dict:
         rate = {clock: B * T / seconds[clock] for clock in CLOCKS}
         training[name] = {"seconds_per_step": seconds, "tokens_per_s": rate, "flops_per_token": flops,
                           "mfu": {clock: rate[clock] * flops / peak[clock] for clock in CLOCKS},
+                          "page_faults": statistics.median(times[name]["page_faults"]),
                           "all_seconds": times[name]}
     report["training"] = training
     # One profiled step of ours (MTP off) and of the fastest transformers variant: what each spends on
@@ -403,11 +411,11 @@ def print_report(r: dict):
           f"peak {r['matmul_peak_flops'][clock] / 1e9:.1f} GFLOP per {unit[clock]} "
           f"({r['matmul_peak_flops'][other] / 1e9:.1f} per {unit[other]})")
     print(f"  {'variant':<46} {unit[clock]:>8} {'tokens/s':>9} {'MFU':>6} {unit[other]:>8} {'tokens/s':>9} "
-          f"{'GFLOP/tok':>10}")
+          f"{'GFLOP/tok':>10} {'page faults':>12}")
     for name, v in r["training"].items():
         s, rate = v["seconds_per_step"], v["tokens_per_s"]
         print(f"  {name:<46} {s[clock]:>8.3f} {rate[clock]:>9,.0f} {v['mfu'][clock]:>6.1%} {s[other]:>8.3f} "
-              f"{rate[other]:>9,.0f} {v['flops_per_token'] / 1e9:>10.5f}")
+              f"{rate[other]:>9,.0f} {v['flops_per_token'] / 1e9:>10.5f} {v['page_faults']:>12,.0f}")
     steps, mm_flops = r["training_profile"]["steps"], r["training_profile"]["mm_flops"]
     calls = " and ".join(f"{s['calls']:,}" for s in steps.values())
     print(f"  one profiled step each, self CPU ms by operator ({calls} operator calls; profiling inflates "
