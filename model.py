@@ -345,10 +345,20 @@ class BlockedAttention(torch.autograd.Function):
     k (B, H_k, S, d), v (B, H_k, S, d_v); query t sits at position S - T + t.
     mask: None or additive float (B, 1, T, S), added on top of causality (padding); a query that it
     leaves no key gets a zero output, as in SDPA. Returns (B, H_k, T, G, d_v). Not twice differentiable.
+    `blocked_attention` runs the forward alone, keeping nothing, where no backward can follow.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, block: int):
+        o, saved = BlockedAttention.attend(q, k, v, mask, scale, block, keep=True)
+        ctx.save_for_backward(*saved)
+        ctx.scale, ctx.block = scale, block
+        return o
+
+    @staticmethod
+    def attend(q, k, v, mask, scale: float, block: int, keep: bool):
+        """The forward: the output, and with keep what the backward needs (q, k, v and the output
+        flattened over heads, then each block's probabilities), else None."""
         B, H_k, T, G = q.shape[:4]
         S = k.shape[2]
         if mask is not None and not mask.is_floating_point():
@@ -370,11 +380,10 @@ class BlockedAttention(torch.autograd.Function):
             if mask is not None:
                 p.nan_to_num_(0.0)  # a query with every key masked: 0/0 in softmax, a zero row in SDPA
             outs.append(torch.bmm(p, v[:, :keys]))                                 # (B H_k, (e - s) G, d_v)
-            probs.append(p)
+            if keep:
+                probs.append(p)
         o = torch.cat(outs, dim=1)                                                 # (B H_k, T G, d_v)
-        ctx.save_for_backward(q, k, v, o, *probs)
-        ctx.scale, ctx.block, ctx.G = scale, block, G
-        return o.view(B, H_k, T, G, -1)
+        return o.view(B, H_k, T, G, -1), ((q, k, v, o, *probs) if keep else None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -396,6 +405,14 @@ class BlockedAttention(torch.autograd.Function):
         dq = torch.cat(dq, dim=1).mul_(ctx.scale)
         return (dq.view(B, H_k, T, G, -1), dk.mul_(ctx.scale).view(B, H_k, S, -1), dv.view(B, H_k, S, -1),
                 None, None, None)
+
+
+def blocked_attention(q, k, v, mask, scale: float, block: int) -> torch.Tensor:
+    """`BlockedAttention` where a backward may follow; otherwise (no_grad, inference_mode, inputs
+    without gradients, as in a prefill) the same forward without keeping the probabilities."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return BlockedAttention.apply(q, k, v, mask, scale, block)
+    return BlockedAttention.attend(q, k, v, mask, scale, block, keep=False)[0]
 
 
 class MLP(nn.Module):
@@ -511,8 +528,8 @@ class MLA(nn.Module):
             q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)                   # (B, H, T, 192)
             v = v.transpose(1, 2)                                                                   # (B, H, S, d_v)
             if blocked_attention_pays(q, S):
-                o = BlockedAttention.apply(q.unsqueeze(3), k, v.contiguous(), mask, self.softmax_scale,
-                                           ATTENTION_BLOCK).squeeze(3)                      # (B, H, T, d_v)
+                o = blocked_attention(q.unsqueeze(3), k, v.contiguous(), mask, self.softmax_scale,
+                                      ATTENTION_BLOCK).squeeze(3)                           # (B, H, T, d_v)
             else:
                 if self.v_head_dim < self.qk_head_dim:  # SDPA's fused kernels want one head dim for q, k, v
                     v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))                           # (B, H, S, 192)
@@ -545,8 +562,8 @@ class MLA(nn.Module):
             k = torch.cat([kv, k_pe], dim=-1)                                             # (B, S, d_c + d_R)
             if blocked_attention_pays(q, S):
                 # One key head shared by H query heads: the values are the latents c.
-                o = BlockedAttention.apply(q.unsqueeze(1), k.unsqueeze(1), kv.unsqueeze(1), mask,
-                                           self.softmax_scale, ATTENTION_BLOCK).squeeze(1)  # (B, T, H, d_c)
+                o = blocked_attention(q.unsqueeze(1), k.unsqueeze(1), kv.unsqueeze(1), mask,
+                                      self.softmax_scale, ATTENTION_BLOCK).squeeze(1)       # (B, T, H, d_c)
             else:
                 k = k.unsqueeze(1).expand(-1, H, -1, -1)                                  # (B, H, S, d_c + d_R)
                 # The values are the latents c, the first d_c columns of k: passing k as v keeps one
@@ -944,7 +961,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = p.sum(dim=-1, keepdim=True)
             loss += (total.log() + top - picked).mul_(valid[s:e]).sum()            # -log softmax at the target
             p.div_(total).scatter_add_(1, safe[s:e], -valid[s:e].to(p.dtype))     # softmax - one-hot:
-            p.mul_(valid[s:e] * inv_n)                                             # dloss/dlogits
+            p.mul_(valid[s:e]).mul_(inv_n)                                         # dloss/dlogits
             torch.mm(p, weight, out=dh[s:e])
             dw.addmm_(p.t(), h[s:e])
         ctx.save_for_backward(dh, dw)
@@ -1140,14 +1157,17 @@ class Transformer(nn.Module):
         return ModelOutput(logits, loss, parts, h)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, keep_logits: bool):
-        """The output head and mean CE over targets (B, T) on normalised hidden states x (B, T, D):
-        returns (loss, logits (B, T, V) or None). Without logits to keep, and where `fused_loss_pays`,
+        """The output head and the mean CE over the targets (B, T) that are not -100 (0 when none
+        is), on normalised hidden states x (B, T, D): returns (loss, logits (B, T, V) or None). Without logits to keep, and where `fused_loss_pays`,
         as `LinearCrossEntropy`, which never holds the whole logits."""
         if not keep_logits and fused_loss_pays(x):
             chunk = max(1, LOSS_CHUNK // self.cfg.vocab_size)
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.head.weight, targets.flatten(), chunk), None
         logits = self.head(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        targets = targets.flatten()
+        # the mean over the targets, 0 when there are none (as LinearCrossEntropy's), where "mean" gives 0/0
+        loss = (F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
+                / (targets != -100).sum().clamp(min=1))
         return loss, (logits if keep_logits else None)
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import model as model_module
 from model import (BlockedAttention, LinearCrossEntropy, MoE, ModelConfig, Transformer, absorbed_training_pays,
-                   apply_rope, count_parameters, dense_config, generate, get_config, rope_swap, sample_token,
-                   sequence_balance_loss, unit_rms, yarn_frequencies)
+                   apply_rope, blocked_attention, count_parameters, dense_config, generate, get_config,
+                   rope_swap, sample_token, sequence_balance_loss, unit_rms, yarn_frequencies)
 
 # The micro preset, its V2-style variant (softmax routing, no router bias, no q_lora), and heads as
 # wide as the latent, where the absorbed attention folds its weights and trains (as `tiny` does).
@@ -188,6 +188,16 @@ def test_blocked_attention_equals_written_out_attention(T, S, block, padded, G):
     for a, b in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(want, inputs, grad_out)):
         assert torch.allclose(a, b, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *x: BlockedAttention.apply(*x, mask, 0.3, block), inputs)
+
+
+def test_blocked_attention_without_a_backward_keeps_nothing_and_gives_the_same_output():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 1, 13, 3, 8), torch.randn(2, 1, 13, 8), torch.randn(2, 1, 13, 5)
+    with_grad = BlockedAttention.apply(*(t.clone().requires_grad_() for t in (q, k, v)), None, 0.3, 4)
+    out, saved = BlockedAttention.attend(q, k, v, None, 0.3, 4, keep=False)
+    with torch.no_grad():
+        assert torch.equal(blocked_attention(q, k, v, None, 0.3, 4), with_grad) and torch.equal(out, with_grad)
+    assert saved is None
 
 
 def test_blocked_attention_gives_a_query_without_keys_a_zero_row_like_sdpa():
@@ -531,9 +541,9 @@ def test_fused_head_loss_equals_cross_entropy_of_the_logits(chunk):
     targets[[0, 5, 6]] = -100
     got = LinearCrossEntropy.apply(h, weight, targets, chunk)
     want = F.cross_entropy(F.linear(h, weight), targets, ignore_index=-100)
-    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
     for a, b in zip(torch.autograd.grad(2.5 * got, (h, weight)), torch.autograd.grad(2.5 * want, (h, weight))):
-        assert torch.allclose(a, b, atol=1e-12)
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *x: LinearCrossEntropy.apply(*x, targets, chunk), (h, weight))
     nothing = LinearCrossEntropy.apply(h, weight, torch.full((23,), -100), chunk)  # no target: 0, not 0/0
     assert nothing.item() == 0 and all(g.abs().max() == 0 for g in torch.autograd.grad(nothing, (h, weight)))
@@ -554,6 +564,17 @@ def test_training_loss_without_logits_equals_the_loss_with_them():
     assert kept.logits.shape == (3, 16, 64) and fused.logits is None
     assert all(torch.allclose(kept.parts[k], fused.parts[k], atol=1e-6) for k in kept.parts)
     assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_batch_without_targets_has_zero_loss_on_every_path():
+    """Every target -100 (a rank whose rows are all prompt): 0, not the 0/0 of a plain mean."""
+    model = micro().train()
+    x = torch.randint(0, 64, (2, 9))
+    nothing = torch.full((2, 9), -100)
+    for grad, keep in ((True, True), (True, False), (False, False)):
+        with torch.set_grad_enabled(grad):
+            out = model(x, nothing, logits=keep)
+        assert out.parts["ntp"].item() == 0 and out.parts["mtp"].item() == 0 and torch.isfinite(out.loss)
 
 
 def test_mtp_is_not_run_at_inference():
