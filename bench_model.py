@@ -119,7 +119,8 @@ def train_flops_per_token(cfg: ModelConfig, counts: dict[str, int], seq_len: int
 def weight_product_flops(cfg: ModelConfig, counts: dict[str, int], tokens: int, ours: bool) -> float:
     """FLOPs of a training step's products with the weights, 6 N per token, less wkv_b's for our model
     where it trains with the absorbed attention (`absorbed_training_pays`), which never multiplies the
-    latents by wkv_b (its products with the weights' products are per step, not per token)."""
+    latents by wkv_b. The products that fold wkv_b into the other weights run once a step, not once
+    a token, and are left out."""
     flops = 6 * (counts["active"] - counts["embedding"]) * tokens
     if ours and absorbed_training_pays(cfg):
         flops -= 6 * cfg.n_layers * cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * tokens

@@ -320,7 +320,8 @@ def folding_pays(cfg: ModelConfig) -> bool:
     q_in = cfg.q_lora_rank or cfg.dim
     H, d_c, d_R = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     folded = H * (d_c + 2 * d_R) * q_in + cfg.dim * H * d_c + d_R * cfg.dim
-    plain = H * cfg.qk_head_dim * q_in + cfg.dim * H * cfg.v_head_dim + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * d_c
+    plain = (H * cfg.qk_head_dim * q_in + cfg.dim * H * cfg.v_head_dim
+             + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * d_c)
     return folded <= plain
 
 
@@ -600,7 +601,8 @@ class MLA(nn.Module):
         """
         d_c = self.kv_lora_rank
         w_q, w_o = self.absorbed_weights()
-        w_q = torch.cat([w_q, rope_swap(w_q[:, d_c:])], dim=1).flatten(0, 1) * self.softmax_scale  # (H (d_c + 2 d_R), q_in)
+        w_q = torch.cat([w_q, rope_swap(w_q[:, d_c:])], dim=1)                   # (H, d_c + 2 d_R, q_in)
+        w_q = w_q.flatten(0, 1) * self.softmax_scale
         w_kv = torch.cat([self.wkv_a.weight, rope_swap(self.wkv_a.weight[d_c:])])          # (d_c + 2 d_R, D)
         if self.q_lora_rank == 0:  # the folded query rows act on x directly: they lead w_in
             w_q_in, w_q = w_q, None
@@ -1158,8 +1160,9 @@ class Transformer(nn.Module):
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, keep_logits: bool):
         """The output head and the mean CE over the targets (B, T) that are not -100 (0 when none
-        is), on normalised hidden states x (B, T, D): returns (loss, logits (B, T, V) or None). Without logits to keep, and where `fused_loss_pays`,
-        as `LinearCrossEntropy`, which never holds the whole logits."""
+        is), on normalised hidden states x (B, T, D): returns (loss, logits (B, T, V) or None).
+        Without logits to keep, and where `fused_loss_pays`, as `LinearCrossEntropy`, which never
+        holds the whole logits."""
         if not keep_logits and fused_loss_pays(x):
             chunk = max(1, LOSS_CHUNK // self.cfg.vocab_size)
             return LinearCrossEntropy.apply(x.flatten(0, 1), self.head.weight, targets.flatten(), chunk), None

@@ -323,7 +323,8 @@ def test_folding_pays_for_tiny_but_not_for_full():
     assert not meta_model("full").folding_pays()
     # So tiny trains with the absorbed attention (d_c = d_h = d_v) and full with the naive one.
     assert absorbed_training_pays(get_config("tiny")) and not absorbed_training_pays(get_config("full"))
-    assert all(layer.attn.absorbed_trains and layer.attn.fold_weights for layer in Transformer(get_config("tiny")).layers)
+    tiny = Transformer(get_config("tiny"))
+    assert all(layer.attn.absorbed_trains and layer.attn.fold_weights for layer in tiny.layers)
 
 
 def test_chunked_prefill_equals_one_shot_prefill():
