@@ -544,7 +544,7 @@ class MLA(nn.Module):
             w_q, w_o = self.absorbed_weights()
             q_c, q_pe = F.linear(q_in, w_q.flatten(0, 1)).view(B, T, H, d_c + d_R).split([d_c, d_R], dim=-1)
         else:  # per token: fewer FLOPs when d_c is much wider than the heads (`full`)
-            w_uk, w_uv = self.wkv_b.weight.view(H, -1, d_c).split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+            w_uk, w_uv = self.w_uk_uv()
             q_nope, q_pe = wq(q_in).view(B, T, H, -1).split([self.qk_nope_head_dim, d_R], dim=-1)
             # Batched over heads by bmm: einsum's own overhead is most of a decode step's.
             q_c = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)           # (H, B T, d_c)
@@ -577,13 +577,18 @@ class MLA(nn.Module):
         o = torch.bmm(o.permute(2, 0, 1, 3).reshape(H, B * T, d_c), w_uv.transpose(1, 2))  # W^UV: (H, B T, d_v)
         return self.wo(o.view(H, B, T, -1).permute(1, 2, 0, 3).flatten(2))               # (B, T, D)
 
+    def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK (H, d_h, d_c) and W^UV (H, d_v, d_c): wkv_b's rows for each head, as views."""
+        return self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=1)
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W^UK multiplied into the query and W^UV into W^O (DeepSeek-V2, sec. 2.1.2), with gradients:
         w_q (H, d_c + d_R, q_in), per head [W^UK^T W^UQ; W^QR], maps c^Q (or x) to the query in the
         latent space and q^R before rotation; w_o (D, H, d_c), W^O W^UV, maps each head's attended
         latents to the output."""
-        H, d_n, d_c = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
-        w_uk, w_uv = self.wkv_b.weight.view(H, d_n + self.v_head_dim, d_c).split([d_n, self.v_head_dim], dim=1)
+        H, d_n = self.n_heads, self.qk_nope_head_dim
+        w_uk, w_uv = self.w_uk_uv()
         wq = self.wq if self.q_lora_rank == 0 else self.wq_b
         q_nope, q_pe = wq.weight.view(H, self.qk_head_dim, -1).split([d_n, self.qk_rope_head_dim], dim=1)
         w_q = torch.cat([w_uk.transpose(1, 2) @ q_nope, q_pe], dim=1)                        # (H, d_c + d_R, q_in)
