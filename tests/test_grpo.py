@@ -156,11 +156,12 @@ def parity_trainer(beta=0.0, **kw):
 
 def test_grpo_learns_parity_from_rewards_alone():
     # R1-Zero's KL weight. At this learning rate (1000x R1-Zero's) the run is a chaotic system: another
-    # CPU's kernels round differently and give another trajectory (beta = 0.01 failed on an AVX2 host). Over 16 seeds, standing in
-    # for such trajectories, beta = 0.001 learned in every one (mean of the last 10 steps 0.94-0.98),
-    # while beta = 0.01 and beta = 0 fell back below 0.9 in 2 of 6 and 2 of 8 (with 0.01, once most
-    # groups are solved their advantages are 0 and the KL to the random reference is most of the
-    # gradient; with 0, the falls followed gradient spikes). A single dip is allowed for.
+    # CPU's kernels round differently and give another trajectory (beta = 0.01 failed on an AVX2
+    # host). Over 16 seeds, standing in for such trajectories, beta = 0.001 learned in every one
+    # (mean of the last 10 steps 0.94-0.98), while beta = 0.01 and beta = 0 fell back below 0.9 in
+    # 2 of 6 and 2 of 8 (with 0.01, once most groups are solved their advantages are 0 and the KL to
+    # the random reference is most of the gradient; with 0, the falls followed gradient spikes).
+    # A single dip is allowed for.
     trainer = parity_trainer(beta=0.001)
     gen = torch.Generator().manual_seed(0)
     history = [trainer.step(make_problems(gen, 16))["reward"] for _ in range(50)]
